@@ -1,0 +1,13 @@
+"""Common package for the PMC-VQA SFT toolkit (DeepSeek-R1-Distill-Llama-8B).
+
+One job per file:
+    errors.py       one-line user errors (file, row, column) and the exit-code-2 wrapper
+    prompts.py      the prompt functions users edit: system prompt, user prompt, answer format
+    chat.py         conversation -> (input_ids, labels) with the tokenizer's own template; mask visualiser
+    data.py         reading and validating PMC-VQA CSVs (v1, v2), hub download
+    sample_data.py  generator of the bundled PMC-VQA-format sample under data/sample/
+    tiny.py         the embedded offline tiny Llama model and tokenizer
+Scripts -> package -> libraries, never back.
+"""
+
+__version__ = "0.1.0"
