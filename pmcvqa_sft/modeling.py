@@ -1,0 +1,121 @@
+"""Loading the base model and tokenizer, quantization, and the LoRA config.
+
+`--model` / `--tokenizer` take a hub id, a local folder, or `tiny` (the embedded offline model, built on
+first use). Hub failures become one-line errors that name the offline alternatives.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from .errors import InputError
+
+DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+QUANTIZATIONS = ("8bit", "4bit", "none")
+OFFLINE_HINT = ("Offline? pass --model tiny (the embedded tiny model) or a local folder with the "
+                "downloaded model (huggingface-cli download deepseek-ai/DeepSeek-R1-Distill-Llama-8B --local-dir DIR)")
+
+# bitsandbytes on the CPU casts fp32 inputs to fp16 for its int8 matmul and says so on every call.
+warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+
+def resolve_name(name: str) -> str:
+    from . import tiny
+    return tiny.resolve(name)
+
+
+def _hub_error(kind: str, name: str, exc: Exception) -> InputError:
+    reason = " ".join(str(exc).split())[:300]
+    local = Path(name).exists()
+    hint = "" if local else f" {OFFLINE_HINT.replace('--model', '--tokenizer') if kind == 'tokenizer' else OFFLINE_HINT}"
+    return InputError(f"cannot load {kind} '{name}': {reason}.{hint}")
+
+
+def load_tokenizer(name: str):
+    """AutoTokenizer for a hub id, folder or `tiny`; the plain chat template is added when missing."""
+    from transformers import AutoTokenizer
+
+    from .chat import ensure_chat_template
+    path = resolve_name(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("tokenizer", name, exc) from None
+    if tok.pad_token_id is None:  # DeepSeek sets pad = EOS; do the same for tokenizers without one
+        tok.pad_token = tok.eos_token
+    return ensure_chat_template(tok)
+
+
+def check_quantization(quantization: str) -> str:
+    if quantization not in QUANTIZATIONS:
+        raise InputError(f"unknown quantization '{quantization}': choose one of {', '.join(QUANTIZATIONS)}")
+    return quantization
+
+
+def compute_dtype():
+    """bf16 where the GPU supports it, fp32 elsewhere (the CPU, older GPUs)."""
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def device_map_for_process():
+    """Each process keeps the whole (quantized) model on its own device: {'': local index} under DDP."""
+    import torch
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        return {"": local}
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return {"": "mps"}
+    return {"": "cpu"}
+
+
+def check_bitsandbytes(quantization: str) -> None:
+    """Fail early, in one line, when bitsandbytes can't run the requested quantization here."""
+    if quantization == "none":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken CUDA setup raising at import
+        raise InputError(f"--quantization {quantization} needs bitsandbytes, which failed to import "
+                         f"({type(exc).__name__}: {exc}); pip install 'bitsandbytes>=0.45' or pass "
+                         f"--quantization none") from None
+
+
+def quantization_config(quantization: str):
+    """BitsAndBytesConfig for 8bit / 4bit (NF4, double quant, compute in bf16 or fp32); None for none."""
+    from transformers import BitsAndBytesConfig
+    check_quantization(quantization)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype())
+    return None
+
+
+def load_model(name: str, quantization: str = "8bit", device_map=None):
+    """AutoModelForCausalLM for a hub id, folder or `tiny`, quantized as asked."""
+    from transformers import AutoModelForCausalLM
+    check_quantization(quantization)
+    check_bitsandbytes(quantization)
+    path = resolve_name(name)
+    kwargs = dict(dtype=compute_dtype(), device_map=device_map or device_map_for_process())
+    qc = quantization_config(quantization)
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("model", name, exc) from None
+
+
+def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear"):
+    """LoRA on every linear projection (q, k, v, o, gate, up, down) by default; lm_head is excluded."""
+    from peft import LoraConfig
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      bias="none", task_type="CAUSAL_LM")
