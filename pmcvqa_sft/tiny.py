@@ -60,9 +60,18 @@ MODEL_KW = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num
 PRETRAIN = dict(steps=600, batch_size=16, lr=3e-3, warmup=30, seed=0, vocab_size=1024)
 
 
+def _tokenizer_texts() -> list[str]:
+    """The sample's text plus the fixed prompt strings (rendered through prompts.py, so edits count)."""
+    from . import prompts, sample_data
+    demo = {"A": "first", "B": "second", "C": "third", "D": "fourth"}
+    fixed = [prompts.format_user_prompt("Which?", demo, caption="Figure."),
+             prompts.assistant_content("B", "second", prompts.make_reasoning("Which?", demo, "B", "Figure."))]
+    return sample_data.all_text() + sample_data.pretraining_sentences() + fixed * 20
+
+
 def _recipe_key() -> str:
     from . import sample_data
-    blob = json.dumps([BUILD_VERSION, MODEL_KW, PRETRAIN, CHAT_TEMPLATE, sample_data.all_text(),
+    blob = json.dumps([BUILD_VERSION, MODEL_KW, PRETRAIN, CHAT_TEMPLATE, _tokenizer_texts(),
                        sample_data.pretraining_sentences()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -133,7 +142,7 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, overwrite: bool = False
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True)")
     torch.manual_seed(PRETRAIN["seed"])
-    tokenizer = build_tokenizer(sample_data.all_text() + sample_data.pretraining_sentences())
+    tokenizer = build_tokenizer(_tokenizer_texts())
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **MODEL_KW)
     model = LlamaForCausalLM(config)
