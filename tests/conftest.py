@@ -1,0 +1,57 @@
+"""Shared pytest fixtures: the embedded tiny model, the bundled sample, the real-tokenizer fixtures.
+
+The fixtures folder (../shared/fixtures beside the repo) exists for developers and CI only; tests that
+need it skip with a visible reason when it is absent (a user's clone).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")        # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+REAL_TOKENIZER = FIXTURES / "deepseek_r1_distill_llama_8b_tokenizer"
+REAL_MODEL_FILES = FIXTURES / "deepseek_r1_distill_llama_8b"
+SAMPLE_DIR = ROOT / "data" / "sample"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The embedded tiny model folder (built once, cached under artifacts/)."""
+    from pmcvqa_sft.tiny import ensure_tiny
+    return ensure_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from pmcvqa_sft.modeling import load_tokenizer
+    return load_tokenizer(str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """The faithful 128,256-token stand-in for the DeepSeek-R1-Distill-Llama-8B tokenizer."""
+    if not REAL_TOKENIZER.is_dir():
+        pytest.skip(f"real-tokenizer fixture absent ({REAL_TOKENIZER}); fidelity test skipped")
+    from pmcvqa_sft.modeling import load_tokenizer
+    return load_tokenizer(str(REAL_TOKENIZER))
+
+
+@pytest.fixture(scope="session")
+def processed_tiny(tmp_path_factory, tiny_dir) -> Path:
+    """The bundled sample preprocessed with the tiny tokenizer (train/validation/test)."""
+    from pmcvqa_sft.preprocess import run_preprocess
+    out = tmp_path_factory.mktemp("processed") / "pmc_vqa_tiny"
+    run_preprocess(data=str(SAMPLE_DIR), tokenizer_name=str(tiny_dir), output_dir=str(out))
+    return out
