@@ -1,0 +1,420 @@
+"""PMC-VQA CSVs -> a tokenized, masked DatasetDict on disk (the contract in `dataset_io.py`).
+
+Pipeline: resolve `--data` (file / folder / Hub id) -> read and validate the CSVs (`data.py`) -> build
+each row's conversation with `prompts.create_conversation` (the file users edit) -> tokenize prompts and
+targets in big batches with `chat.PromptEncoder` (token-exact with `apply_chat_template`, verified on
+the first rows of every job) -> shorten or skip rows over `max_length` -> carve a seeded validation
+split from train -> build Arrow columns directly (int32, no padding) -> `save_to_disk` into a temp
+folder beside `output_dir`, then rename it into place.
+
+Truncation never cuts the answer: the caption (if included) is shortened first, then the question
+(tokens dropped from its end, keeping at least `MIN_QUESTION_TOKENS`); choices and target stay intact.
+A row that still does not fit is skipped as `too_long`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from itertools import chain
+from pathlib import Path
+
+from . import chat, prompts
+from .data import ReadStats, read_pmc_vqa_csv, resolve_data_files
+from .dataset_io import EXAMPLES_NAME, REPORT_NAME
+from .errors import InputError
+
+MIN_QUESTION_TOKENS = 8     # a question cut shorter than this is useless: skip the row instead
+VERIFY_ROWS = 16            # rows per job checked against the per-row apply_chat_template reference
+CHUNK = 10_000              # rows per tokenizer call: big batches keep the Rust tokenizer busy
+EXAMPLES_PER_SPLIT = 2
+SIZE_BOUND = 3.0            # on-disk bytes <= SIZE_BOUND x (tokens x 4 bytes)
+OUTPUT_SPLITS = ("train", "test")  # source splits used; v1 `test_full` (test.csv beside test_clean) is not
+
+
+def features():
+    from datasets import Features, List, Value
+    tokens = List(Value("int32"))
+    return Features({
+        "input_ids": tokens, "labels": tokens,
+        "source_file": Value("string"), "source_row": Value("int64"),
+        "question": Value("string"), "caption": Value("string"),
+        "choices": {k: Value("string") for k in prompts.LETTERS},
+        "answer_label": Value("string"),
+    })
+
+
+def parse_val_size(value) -> float | int:
+    """`0.05` -> a fraction of train; `500` -> a row count; `0` -> no validation split."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--val_size {value!r}: expected a fraction (0.05) or a row count (500)") from None
+    if v < 0 or (v >= 1 and v != int(v)):
+        raise InputError(f"--val_size {value!r}: expected a fraction in [0, 1) or a whole row count")
+    return int(v) if v >= 1 else v
+
+
+# ---------------------------------------------------------------- output folder (atomic)
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove temp folders left by a killed run; restore a replaced output if the swap was cut."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(p, out)  # killed between the two renames of an --overwrite: put the old one back
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_output_dir(output_dir, overwrite: bool) -> Path:
+    out = Path(output_dir).expanduser()
+    if out.exists():
+        if not overwrite:
+            raise InputError(f"output folder '{out}' exists; pass --overwrite to replace it")
+        if not out.is_dir():
+            raise InputError(f"output '{out}' is a file, not a folder; refusing to replace it")
+        if any(out.iterdir()) and not (out / REPORT_NAME).exists():
+            # --overwrite replaces earlier preprocessor output only, never an unrelated folder.
+            raise InputError(f"output folder '{out}' is not a preprocessor output (no {REPORT_NAME}); "
+                             f"refusing to replace it, choose another --output_dir")
+    if not out.parent.exists():
+        raise InputError(f"parent folder of --output_dir '{out}' does not exist")
+    return out
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------- encoding
+def batch_ids(tokenizer, texts) -> list[list[int]]:
+    """Token ids of many texts without special tokens. Fast tokenizers go straight to the Rust backend
+    (`encode_batch_fast`, no offsets): transformers' per-row Python conversion costs more than the
+    tokenization itself. Same ids as `tokenizer(texts, add_special_tokens=False)`; `verify()` checks."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+
+class FastPromptEncoder(chat.PromptEncoder):
+    """`chat.PromptEncoder` with the backend batch call; its inherited `verify()` compares these very
+    methods with the per-row `apply_chat_template` reference."""
+
+    def prompt_ids(self, user_texts):
+        return batch_ids(self.tokenizer, [self.prompt_text(u) for u in user_texts])
+
+    def target_ids(self, contents):
+        targets = [chat.strip_prompt_overlap(self.gen_tail, c) for c in contents]
+        return [ids + [self.eos_id] for ids in batch_ids(self.tokenizer, targets)]
+
+
+class RowEncoder:
+    """Record -> (prompt ids, target ids): batched fast path when `create_conversation` gives the
+    plain [system?, user, assistant] shape, else the per-row reference `chat.encode_conversation`."""
+
+    def __init__(self, tokenizer, system_prompt, reasoning, include_caption):
+        self.tok, self.system_prompt = tokenizer, system_prompt
+        self.reasoning, self.include_caption = reasoning, include_caption
+        self.fast = FastPromptEncoder(tokenizer, system_prompt)
+        self.n_sys = 1 if system_prompt else 0
+
+    def messages(self, rec, question=None, caption=None):
+        cap = (rec.caption if caption is None else caption) if self.include_caption else None
+        return prompts.create_conversation(
+            rec.question if question is None else question, rec.choices, rec.answer_label,
+            caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning)
+
+    def _fast_ok(self, msgs) -> bool:
+        roles = [m["role"] for m in msgs]
+        return (roles == ["system"] * self.n_sys + ["user", "assistant"]
+                and (not self.n_sys or msgs[0]["content"] == self.system_prompt))
+
+    def encode(self, msgs_list):
+        if all(self._fast_ok(m) for m in msgs_list):
+            users, contents = [m[-2]["content"] for m in msgs_list], [m[-1]["content"] for m in msgs_list]
+            return _dedup_call(self.fast.prompt_ids, users), _dedup_call(self.fast.target_ids, contents)
+        pairs = [chat.encode_conversation(self.tok, m) for m in msgs_list]  # edited prompt shape
+        prompts_, targets = [], []
+        for ids, labels in pairs:
+            n = labels.count(chat.IGNORE_INDEX)
+            prompts_.append(ids[:n])
+            targets.append(ids[n:])
+        return prompts_, targets
+
+    def verify(self, msgs_list) -> int:
+        """Fast path == per-row apply_chat_template reference on these rows (raises otherwise)."""
+        fast = [m for m in msgs_list if self._fast_ok(m)]
+        if fast:
+            self.fast.verify([m[-2]["content"] for m in fast], [m[-1]["content"] for m in fast])
+        return len(fast)
+
+    def fit(self, rec, prompt, target, max_length):
+        """Shorten caption, then question, until the row fits; (prompt, target, what) or None."""
+        if len(prompt) + len(target) <= max_length:
+            return prompt, target, None
+        fields = {"caption": (rec.caption or "") if self.include_caption else "", "question": rec.question}
+        for name in ("caption", "question"):
+            toks = chat.encode_text(self.tok, fields[name]) if fields[name] else []
+            floor = 0 if name == "caption" else min(MIN_QUESTION_TOKENS, len(toks))
+            keep = len(toks)
+            while len(prompt) + len(target) > max_length and keep > floor:
+                keep = max(floor, keep - (len(prompt) + len(target) - max_length))
+                fields[name] = self.tok.decode(toks[:keep]).replace("\ufffd", "").strip()
+                (prompt,), (target,) = self.encode([self.messages(rec, fields["question"], fields["caption"])])
+            if len(prompt) + len(target) <= max_length:
+                return prompt, target, name
+        return None
+
+
+def _dedup_call(fn, texts):
+    """Tokenize each distinct text once (targets repeat a lot: the same answer in many rows)."""
+    uniq = list(dict.fromkeys(texts))
+    if len(uniq) > 0.9 * len(texts):
+        return fn(texts)
+    table = dict(zip(uniq, fn(uniq)))
+    return [table[t] for t in texts]
+
+
+def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, desc, progress=True):
+    """-> (kept records, prompt id lists, target id lists); too-long rows counted in `skipped`."""
+    from tqdm.auto import tqdm
+    if records:
+        enc.verify([enc.messages(r) for r in records[:VERIFY_ROWS]])
+    kept, P, T = [], [], []
+    with tqdm(total=len(records), desc=desc, unit="row", disable=not progress or len(records) < CHUNK) as bar:
+        for start in range(0, len(records), CHUNK):
+            chunk = records[start:start + CHUNK]
+            ps, ts = enc.encode([enc.messages(r) for r in chunk])
+            for rec, p, t in zip(chunk, ps, ts):
+                if len(p) + len(t) > max_length:
+                    fitted = enc.fit(rec, p, t, max_length)
+                    if fitted is None:
+                        skipped["too_long"] += 1
+                        continue
+                    p, t, what = fitted
+                    truncated[what] += 1
+                kept.append(rec)
+                P.append(p)
+                T.append(t)
+            bar.update(len(chunk))
+    return kept, P, T
+
+
+# ---------------------------------------------------------------- Arrow columns
+def build_dataset(records, P, T, with_caption=True):
+    """Columns built straight into Arrow arrays (no per-row .map / feature encoding): int32 tokens,
+    -100 on the prompt.
+
+    `caption` is stored only when the prompt holds it: v2 captions can be longer than the whole
+    tokenized row, and the on-disk size must stay within SIZE_BOUND x token bytes."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset, DatasetInfo
+    from datasets.table import InMemoryTable
+
+    lp = np.fromiter(map(len, P), dtype=np.int64, count=len(P))
+    lt = np.fromiter(map(len, T), dtype=np.int64, count=len(T))
+    lengths = lp + lt
+    offsets = np.zeros(len(records) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(P, T))), dtype=np.int32, count=total)
+    # A token is a prompt token when its position inside its row is < that row's prompt length.
+    row = np.repeat(np.arange(len(records)), lengths)
+    in_prompt = (np.arange(total) - offsets[:-1][row]) < lp[row]
+    labels = np.where(in_prompt, np.int32(chat.IGNORE_INDEX), ids).astype(np.int32)
+    pa_off = pa.array(offsets, type=pa.int32())
+    string = pa.string()
+    choices = pa.StructArray.from_arrays(
+        [pa.array([r.choices.get(k) for r in records], string) for k in prompts.LETTERS],
+        names=list(prompts.LETTERS))
+    feats = features()
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(pa_off, pa.array(ids)),
+        "labels": pa.ListArray.from_arrays(pa_off, pa.array(labels)),
+        "source_file": pa.array([r.source_file for r in records], string),
+        "source_row": pa.array([r.source_row for r in records], pa.int64()),
+        "question": pa.array([r.question for r in records], string),
+        "caption": pa.array([(r.caption or "") if with_caption else "" for r in records], string),
+        "choices": choices,
+        "answer_label": pa.array([r.answer_label for r in records], string),
+    }
+    table = pa.Table.from_arrays([columns[c] for c in feats], schema=feats.arrow_schema)
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=feats))
+
+
+def _split_validation(n: int, val_size, seed: int):
+    import numpy as np
+    n_val = val_size if isinstance(val_size, int) else (max(1, round(n * val_size)) if val_size > 0 else 0)
+    if n_val and n_val >= n:
+        raise InputError(f"--val_size {val_size} leaves no training rows ({n} train rows kept)")
+    perm = np.random.default_rng(seed).permutation(n)
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+
+def _stats(values) -> dict:
+    import numpy as np
+    if len(values) == 0:
+        return {}
+    a = np.asarray(values)
+    return {"min": int(a.min()), "mean": round(float(a.mean()), 2), "p50": float(np.percentile(a, 50)),
+            "p95": float(np.percentile(a, 95)), "max": int(a.max())}
+
+
+def _examples(tok, split, records, P, T, n=EXAMPLES_PER_SPLIT):
+    out = []
+    for rec, p, t in list(zip(records, P, T))[:n]:
+        ids, labels = p + t, [chat.IGNORE_INDEX] * len(p) + t
+        out.append({"split": split, "source_file": rec.source_file, "source_row": rec.source_row,
+                    "answer_label": rec.answer_label,
+                    "prompt": tok.decode(p, skip_special_tokens=False),
+                    "target": tok.decode(t, skip_special_tokens=False),
+                    "mask": chat.visualize_mask(tok, ids, labels), "input_ids": ids, "labels": labels})
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------- the job
+def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_samples=None, val_size=0.05,
+                   overwrite=False, num_proc=1, system_prompt=None, reasoning=False, include_caption=False,
+                   seed=42, tokenizer=None, progress=True) -> dict:
+    """Preprocess PMC-VQA for SFT; returns the report (also written to `<output_dir>/preprocess_report.json`).
+
+    `system_prompt=None` uses `prompts.SYSTEM_PROMPT` (None by default: no system message); `""` forces
+    none. `max_samples` keeps the first N rows of each source split (train, test) before encoding.
+    `val_size`: a fraction of train or a row count (0: no validation split). `tokenizer`: an already
+    loaded tokenizer (then `tokenizer_name` is only recorded).
+    """
+    t0 = time.perf_counter()
+    args = dict(data=str(data), tokenizer=str(tokenizer_name), output_dir=str(output_dir),
+                max_length=max_length, max_samples=max_samples, val_size=val_size, overwrite=overwrite,
+                num_proc=num_proc, system_prompt=system_prompt, reasoning=bool(reasoning),
+                include_caption=bool(include_caption), seed=seed)
+    if int(max_length) < 16:
+        raise InputError(f"--max_length {max_length}: too small (at least 16 tokens)")
+    if max_samples is not None and int(max_samples) < 1:
+        raise InputError(f"--max_samples {max_samples}: must be at least 1")
+    val_size = args["val_size"] = parse_val_size(val_size)
+    out = check_output_dir(output_dir, overwrite)
+    _clean_stale(out)
+    sys_prompt = prompts.SYSTEM_PROMPT if system_prompt is None else (system_prompt or None)
+
+    files = resolve_data_files(data)
+    if tokenizer is None:
+        from .modeling import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer_name)
+    chat.ensure_chat_template(tokenizer)
+    plain_template = tokenizer.chat_template == chat.PLAIN_CHAT_TEMPLATE
+
+    stats, source = ReadStats(), {}
+    for split in OUTPUT_SPLITS:
+        recs = []
+        for path in files.get(split, []):
+            recs.extend(read_pmc_vqa_csv(path, stats)[0])
+        if recs:
+            source[split] = recs
+    if "train" not in source:
+        raise InputError(f"--data '{data}': no usable training rows (skipped: {dict(stats.skipped)})")
+    unused = 0
+    if max_samples:
+        for split, recs in source.items():
+            unused += max(0, len(recs) - int(max_samples))
+            source[split] = recs[:int(max_samples)]
+
+    from collections import Counter
+    enc = RowEncoder(tokenizer, sys_prompt, reasoning, include_caption)
+    skipped, truncated, encoded = Counter(stats.skipped), Counter(), {}
+    for split, recs in source.items():
+        encoded[split] = encode_records(enc, recs, int(max_length), skipped, truncated,
+                                        f"tokenizing {split}", progress)
+    if not encoded["train"][0]:
+        raise InputError(f"every training row is longer than --max_length {max_length} (skipped as too_long)")
+    recs, P, T = encoded.pop("train")
+    tr, va = _split_validation(len(recs), val_size, seed)
+    parts = {"train": ([recs[i] for i in tr], [P[i] for i in tr], [T[i] for i in tr])}
+    if va:
+        parts["validation"] = ([recs[i] for i in va], [P[i] for i in va], [T[i] for i in va])
+    if "test" in encoded:
+        parts["test"] = encoded["test"]
+
+    from datasets import DatasetDict
+    dsd = DatasetDict({s: build_dataset(*v, with_caption=include_caption) for s, v in parts.items()})
+    all_p = [len(p) for _, P_, _ in parts.values() for p in P_]
+    all_t = [len(t) for _, _, T_ in parts.values() for t in T_]
+    tokens = sum(all_p) + sum(all_t)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        dsd.save_to_disk(str(tmp), num_proc=num_proc if num_proc and num_proc > 1 else None)
+        disk = _dir_bytes(tmp)
+        kept = sum(len(v[0]) for v in parts.values())
+        wall = time.perf_counter() - t0
+        report = {
+            "args": args,
+            "tokenizer": str(tokenizer_name),
+            "tokenizer_path": str(getattr(tokenizer, "name_or_path", "")),
+            "template_hash": chat.template_hash(tokenizer),
+            "chat_template": "plain (chat.PLAIN_CHAT_TEMPLATE)" if plain_template else "tokenizer's own",
+            "system_prompt": sys_prompt, "reasoning": "brief" if reasoning else "none",
+            "include_caption": bool(include_caption),
+            "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "files": {s: [str(p) for p in ps] for s, ps in files.items()},
+            "ignored_files": {s: [str(p) for p in ps] for s, ps in files.items() if s not in OUTPUT_SPLITS},
+            "rows_read": stats.rows_read, "kept": kept, "skipped": dict(sorted(skipped.items())),
+            "unused_by_max_samples": unused,
+            "label_text_mismatch": stats.label_text_mismatch, "resolved_from_text": stats.resolved_from_text,
+            "truncated": dict(sorted(truncated.items())),
+            "splits": {s: len(v[0]) for s, v in parts.items()},
+            "token_lengths": {"prompt": _stats(all_p), "target": _stats(all_t),
+                              "total": _stats([a + b for a, b in zip(all_p, all_t)])},
+            "tokens": tokens, "max_length": int(max_length),
+            "disk_bytes": disk, "token_bytes": tokens * 4, "disk_ratio": round(disk / max(1, tokens * 4), 3),
+            "disk_ratio_bound": SIZE_BOUND, "disk_ratio_ok": disk <= SIZE_BOUND * tokens * 4,
+            "verified_rows": min(VERIFY_ROWS, len(source["train"])) + min(VERIFY_ROWS, len(source.get("test", []))),
+            "wall_s": round(wall, 3), "rows_per_s": round(stats.rows_read / max(wall, 1e-9), 1),
+            "versions": _versions(), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        }
+        examples = [e for s, v in parts.items() for e in _examples(tokenizer, s, *v)]
+        (tmp / EXAMPLES_NAME).write_text(json.dumps(examples, indent=2, ensure_ascii=False))
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        check_output_dir(output_dir, overwrite)  # someone may have created it meanwhile
+        _commit(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _versions() -> dict:
+    import datasets
+    import tokenizers
+    import transformers
+    return {"datasets": datasets.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__}
