@@ -5,8 +5,8 @@ first use). Hub failures become one-line errors that name the offline alternativ
 """
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from pathlib import Path
 
 from .errors import InputError
@@ -16,8 +16,17 @@ QUANTIZATIONS = ("8bit", "4bit", "none")
 OFFLINE_HINT = ("Offline? pass --model tiny (the embedded tiny model) or a local folder with the "
                 "downloaded model (huggingface-cli download deepseek-ai/DeepSeek-R1-Distill-Llama-8B --local-dir DIR)")
 
-# bitsandbytes on the CPU casts fp32 inputs to fp16 for its int8 matmul and says so on every call.
-warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+
+class _DropCastNotice(logging.Filter):
+    """bitsandbytes logs 'inputs will be cast ... to float16' on every int8 matmul of a non-fp16 input
+    (every step on the CPU, where we compute in fp32): expected, and it would drown the progress bars."""
+
+    def filter(self, record):
+        return "inputs will be cast" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
 
 
 def resolve_name(name: str) -> str:

@@ -167,16 +167,20 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, overwrite: bool = False
 
 def ensure_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, log=print) -> Path:
     """The tiny model folder, built on first use and rebuilt when the recipe or sample changed."""
+    from filelock import FileLock
+
     out = Path(out_dir)
-    stamp = out / "tiny_build.json"
-    if stamp.exists():
-        try:
-            if json.loads(stamp.read_text()).get("recipe") == _recipe_key():
-                return out
-        except (OSError, ValueError):
-            pass
-    log(f"building the embedded tiny model in {out} (about 30 s, once)")
-    return build_tiny(out, overwrite=True, log=log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # parallel test runs / scripts build it once
+        stamp = out / "tiny_build.json"
+        if stamp.exists():
+            try:
+                if json.loads(stamp.read_text()).get("recipe") == _recipe_key():
+                    return out
+            except (OSError, ValueError):
+                pass
+        log(f"building the embedded tiny model in {out} (about 30 s, once)")
+        return build_tiny(out, overwrite=True, log=log)
 
 
 def resolve(name_or_path: str) -> str:
