@@ -297,6 +297,18 @@ def _examples(tok, split, records, P, T, n=EXAMPLES_PER_SPLIT):
     return out
 
 
+def _save(dsd, path: Path, num_proc, progress: bool) -> None:
+    import datasets
+    was_on = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        dsd.save_to_disk(str(path), num_proc=num_proc if num_proc and num_proc > 1 else None)
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -326,13 +338,8 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
     _clean_stale(out)
     sys_prompt = prompts.SYSTEM_PROMPT if system_prompt is None else (system_prompt or None)
 
+    # Data first: a bad CSV is reported in a second, before the (slower) tokenizer load.
     files = resolve_data_files(data)
-    if tokenizer is None:
-        from .modeling import load_tokenizer
-        tokenizer = load_tokenizer(tokenizer_name)
-    chat.ensure_chat_template(tokenizer)
-    plain_template = tokenizer.chat_template == chat.PLAIN_CHAT_TEMPLATE
-
     stats, source = ReadStats(), {}
     for split in OUTPUT_SPLITS:
         recs = []
@@ -342,6 +349,11 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             source[split] = recs
     if "train" not in source:
         raise InputError(f"--data '{data}': no usable training rows (skipped: {dict(stats.skipped)})")
+    if tokenizer is None:
+        from .modeling import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer_name)
+    chat.ensure_chat_template(tokenizer)
+    plain_template = tokenizer.chat_template == chat.PLAIN_CHAT_TEMPLATE
     unused = 0
     if max_samples:
         for split, recs in source.items():
@@ -372,7 +384,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
-        dsd.save_to_disk(str(tmp), num_proc=num_proc if num_proc and num_proc > 1 else None)
+        _save(dsd, tmp, num_proc, progress)
         disk = _dir_bytes(tmp)
         kept = sum(len(v[0]) for v in parts.values())
         wall = time.perf_counter() - t0

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""See what the model is trained on: preprocess a few PMC-VQA rows, print them with the trained tokens
+marked, and check the invariants the trainer relies on (PASS/FAIL per check; exit 0 when all pass).
+
+Offline (the bundled sample, the embedded tiny tokenizer):
+    python test_preprocessing.py
+With the real tokenizer (downloads it) or your own data:
+    python test_preprocessing.py --tokenizer deepseek-ai/DeepSeek-R1-Distill-Llama-8B --data /path/to/PMC-VQA
+
+Trained tokens are shown in ⟦…⟧ (green on a terminal). This is a user-facing script, not a pytest file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from pmcvqa_sft.errors import run_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Preprocess a few rows, show the mask, check the invariants.")
+    # ---- data ----
+    p.add_argument("--data", default="data/sample", help="PMC-VQA CSV file or folder (default: bundled sample)")
+    p.add_argument("--n", type=int, default=10, help="rows to preprocess per split")
+    p.add_argument("--show", type=int, default=3, help="rows to print with their mask")
+    # ---- tokenizer ----
+    p.add_argument("--tokenizer", default="tiny", help="hub id, local folder, or 'tiny' (embedded, offline)")
+    # ---- prompt ----
+    p.add_argument("--reasoning", choices=("none", "brief"), default="none", help="think block content")
+    p.add_argument("--system_prompt", default=None, help="system message (default: prompts.SYSTEM_PROMPT)")
+    p.add_argument("--include_caption", action="store_true", help="caption (v2 data) in the prompt")
+    return p.parse_args(argv)
+
+
+def check_row(tok, row, gen_tail, sys_prompt, reasoning, include_caption) -> dict[str, bool]:
+    """Each invariant for one row, recomputed independently of the preprocessor's fast path."""
+    from pmcvqa_sft import chat, prompts
+    from pmcvqa_sft.dataset_io import row_choices
+    ids, labels = row["input_ids"], row["labels"]
+    msgs = prompts.create_conversation(row["question"], row_choices(row), row["answer_label"],
+                                       caption=row["caption"] or None if include_caption else None,
+                                       system_prompt=sys_prompt, reasoning=reasoning)
+    prompt = chat.encode_text(tok, chat.render_prompt(tok, msgs))
+    n = len(prompt)
+    target_text = chat.strip_prompt_overlap(gen_tail, msgs[-1]["content"])
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    return {
+        "one BOS, at position 0": bos is None or (ids[:1] == [bos] and ids.count(bos) == 1),
+        "prompt = apply_chat_template(generation prompt)": ids[:n] == prompt,
+        "prompt ends with the generation tail": tok.decode(ids[:n], skip_special_tokens=False).endswith(gen_tail),
+        "labels -100 exactly on the prompt": (all(x == chat.IGNORE_INDEX for x in labels[:n])
+                                              and labels[n:] == ids[n:] and len(ids) > n),
+        "target ends with EOS, EOS labelled": ids[-1] == eos and labels[-1] == eos,
+        "decode(target) == expected answer text": tok.decode(ids[n:-1], skip_special_tokens=False) == target_text,
+        "no padding (one EOS, nothing after it)": ids.count(eos) == 1 and len(ids) == len(labels),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pmcvqa_sft import chat, prompts
+    from pmcvqa_sft.dataset_io import load_processed
+    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.preprocess import run_preprocess
+    tok = load_tokenizer(args.tokenizer)
+    reasoning = args.reasoning == "brief"
+    with tempfile.TemporaryDirectory(prefix="test_preprocessing_") as tmp:
+        out = Path(tmp) / "processed"
+        report = run_preprocess(data=args.data, tokenizer_name=args.tokenizer, output_dir=str(out),
+                                max_samples=args.n, system_prompt=args.system_prompt, reasoning=reasoning,
+                                include_caption=args.include_caption, tokenizer=tok, progress=False)
+        dsd, _ = load_processed(out)
+        rows = [(s, r) for s in dsd for r in dsd[s]]
+        int32 = all(str(dsd[s].features[c].feature.dtype) == "int32" for s in dsd for c in ("input_ids", "labels"))
+    sys_prompt = report["system_prompt"]
+    gen_tail = chat.PromptEncoder(tok, sys_prompt).gen_tail
+    color = sys.stdout.isatty()
+    print(f"tokenizer {args.tokenizer} (vocab {report['vocab_size']}, EOS {report['eos_token_id']}); "
+          f"{len(rows)} rows from {args.data}; splits {report['splits']}; trained tokens in "
+          f"{'green' if color else '⟦…⟧'}\n")
+    for split, row in rows[:args.show]:
+        print(f"--- {split} {row['source_file']} row {row['source_row']} "
+              f"({len(row['input_ids'])} tokens, {sum(x != chat.IGNORE_INDEX for x in row['labels'])} trained)")
+        print(chat.visualize_mask(tok, row["input_ids"], row["labels"], color=color))
+        print()
+    results: dict[str, bool] = {}
+    for _, row in rows:
+        for name, ok in check_row(tok, row, gen_tail, sys_prompt, reasoning, args.include_caption).items():
+            results[name] = results.get(name, True) and ok
+    results["token columns are int32"] = int32
+    results["at least one row per split"] = all(len(dsd[s]) > 0 for s in dsd)
+    for name, ok in results.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    failed = [n for n, ok in results.items() if not ok]
+    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed over {len(rows)} rows")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_main(main)
