@@ -1,0 +1,233 @@
+"""Reading the model's answer: letter extraction from generated text, and choice scoring.
+
+Two ways to get a multiple-choice prediction:
+- `extract_answer(text, choices)`: parse free text the model generated. The think block is ignored
+  (a letter inside the reasoning is not an answer); the answer part is matched against, in order,
+  `\\boxed{B}`, `Answer: B` / `the answer is (B)`, `**B**`, `(B)`, a leading `B.` / `B)` / lone `B`,
+  `option B`, and finally the text of exactly one choice. Anything else is unparseable (letter None).
+- `score_choices(model, tokenizer, items)`: no generation. Each choice's whole answer turn in the
+  exact training format (`prompts.candidate_contents`, target tokens built like
+  `chat.encode_conversation`: content minus the prompt's `<think>\\n`, + EOS) is scored by the sum of
+  its token log-probabilities after the chat prompt, as lm-eval does; the byte-length-normalised
+  score is recorded too. The candidates of many questions go through one right-padded forward pass.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from . import prompts
+from .chat import IGNORE_INDEX, PromptEncoder
+
+LETTER_SET = prompts.LETTERS
+
+# ---------------------------------------------------------------------------------------------------
+# extraction
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Extraction:
+    letter: str | None          # None = unparseable
+    method: str                 # which rule matched ("none" when unparseable)
+    answer_text: str            # the text after the think block
+    reasoning: str              # the text inside the think block
+
+
+def split_reasoning(text: str) -> tuple[str, str, bool]:
+    """(reasoning, answer part, think_closed). An unclosed `<think>` means the answer never came."""
+    open_tag, close_tag = prompts.THINK_OPEN.strip(), prompts.THINK_CLOSE
+    if close_tag in text:
+        before, _, after = text.rpartition(close_tag)
+        reasoning = before.split(open_tag, 1)[1] if open_tag in before else before
+        return reasoning.strip(), after.strip(), True
+    if open_tag in text:
+        return text.split(open_tag, 1)[1].strip(), "", False
+    return "", text.strip(), True
+
+
+_L = r"([A-D])"
+_END = r"(?![A-Za-z0-9])"  # the letter stands alone: "B" but not "Both" or "B12"
+_RULES: list[tuple[str, re.Pattern]] = [
+    ("boxed", re.compile(r"\\boxed\s*\{\s*(?:\\text\s*\{\s*)?\(?" + _L + _END)),
+    ("answer_line", re.compile(
+        r"answer\s*(?:is|:|=|-)?\s*(?:[:\-]\s*)?(?:\*\*|__)?\s*(?:option|choice)?\s*[\(\[\{]?\s*(?:\*\*)?"
+        + _L + _END, re.IGNORECASE)),
+    ("bold", re.compile(r"\*\*\s*\(?" + _L + r"\)?\s*[\.\):]?\s*" + _END)),
+    ("paren", re.compile(r"[\(\[]\s*" + _L + r"\s*[\)\]]")),
+    ("letter_start", re.compile(r"^\s*(?:[\"'`*_]\s*)*" + _L + r"\s*(?:[\.\):,]|$|\s+-\s)", re.MULTILINE)),
+    ("option", re.compile(r"(?:option|choice)\s+" + _L + _END, re.IGNORECASE)),
+]
+
+# Any letter used as a choice marker ("B)", "(B)", "C.") - a loose match with a second one is ambiguous.
+_MARKER = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-D])\)|([A-D])[\.\):](?=\s|$))")
+
+
+def _norm(s: str) -> str:
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", s.lower()).split())
+
+
+def _letters_of(pattern: re.Pattern, text: str) -> list[str]:
+    return [next(g for g in m.groups() if g).upper() for m in pattern.finditer(text)]
+
+
+def _by_choice_text(answer: str, choices: Mapping[str, str]) -> str | None:
+    """The one choice whose text the answer is (or contains); None when zero or several match."""
+    a = _norm(answer)
+    if not a:
+        return None
+    texts = {k: _norm(v) for k, v in choices.items() if v}
+    exact = [k for k, t in texts.items() if t and t == a]
+    if len(exact) == 1:
+        return exact[0]
+    hits = [k for k, t in texts.items() if t and re.search(rf"(?:^| ){re.escape(t)}(?: |$)", a)]
+    # a choice text that is part of another ("Lung" in "Lung cancer") must not count twice
+    hits = [k for k in hits if not any(k != j and texts[k] in texts[j] for j in hits)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def extract_answer(text: str, choices: Mapping[str, str] | None = None) -> Extraction:
+    """The letter the model chose in `text` (a whole assistant turn, think block included or not)."""
+    reasoning, answer, closed = split_reasoning(text)
+    if not closed or not answer:
+        return Extraction(None, "none", answer, reasoning)
+    valid = set(choices) if choices else set(LETTER_SET)
+    for name, pattern in _RULES:
+        found = [x for x in _letters_of(pattern, answer) if x in valid]
+        if not found:
+            continue
+        if name in ("boxed", "answer_line"):
+            return Extraction(found[-1], name, answer, reasoning)  # a restated final answer wins
+        markers = {x for x in _letters_of(_MARKER, answer) if x in valid}
+        if len(set(found) | markers) == 1:
+            return Extraction(found[0], name, answer, reasoning)
+        break  # conflicting loose matches ("A) ... or B)"): fall through to the choice text
+    if choices:
+        letter = _by_choice_text(answer, choices)
+        if letter:
+            return Extraction(letter, "choice_text", answer, reasoning)
+    return Extraction(None, "none", answer, reasoning)
+
+
+def answer_text_after_letter(answer: str, letter: str, choices: Mapping[str, str] | None) -> str:
+    """The choice text for `letter` (from `choices`, else what follows `Answer: B.` in the answer)."""
+    if choices and letter in choices:
+        return choices[letter]
+    m = re.search(rf"answer\s*:?\s*{letter}\s*[\.\):]\s*(.+)", answer, re.IGNORECASE)
+    return m.group(1).strip() if m else ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChoiceScores:
+    letters: list[str]
+    logprob: list[float]                    # sum of the continuation's token log-probs
+    logprob_norm: list[float]               # the same / continuation length in bytes (lm-eval acc_norm)
+    n_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def letter(self) -> str:
+        return self.letters[max(range(len(self.letters)), key=lambda i: self.logprob[i])]
+
+    @property
+    def letter_norm(self) -> str:
+        return self.letters[max(range(len(self.letters)), key=lambda i: self.logprob_norm[i])]
+
+
+@dataclass
+class ScoreItem:
+    """One question to score: the user turn text and its choices."""
+    user_text: str
+    choices: dict[str, str]
+
+
+def build_score_rows(encoder: PromptEncoder, items: Sequence[ScoreItem], letter_only: bool = False):
+    """Per question: its prompt ids and, per choice, the target ids (training format) and byte length."""
+    prompt_ids = encoder.prompt_ids([it.user_text for it in items])
+    out = []
+    for it, p in zip(items, prompt_ids):
+        contents = prompts.candidate_contents(it.choices, letter_only=letter_only)
+        targets = encoder.target_ids(contents)
+        nbytes = [max(1, len(c.encode("utf-8"))) for c in contents]
+        out.append((p, list(it.choices), targets, nbytes))
+    return out
+
+
+def _score_batch(model, pad_id: int, batch) -> list[ChoiceScores]:
+    """One forward pass over every candidate row of `batch` (questions x choices, right-padded)."""
+    import torch
+
+    rows, spans = [], []
+    for prompt, _letters, targets, _ in batch:
+        for t in targets:
+            spans.append((len(prompt), len(t)))
+            rows.append(prompt + t)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    # Only positions that predict a target token need logits: with a vocabulary of 128k, the full
+    # logits of a big batch would take gigabytes. Right padding puts targets of all rows inside one range.
+    first = min(p for p, _ in spans) - 1
+    keep = torch.arange(first, width - 1)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       logits_to_keep=keep.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1).cpu()
+    results, k = [], 0
+    for _prompt, letters, targets, nbytes in batch:
+        sums, norms, ntok = [], [], []
+        for t, nb in zip(targets, nbytes):
+            p_len, t_len = spans[k]
+            pos = torch.arange(p_len - 1, p_len - 1 + t_len) - first   # logits at i predict token i+1
+            tok = ids[k, p_len:p_len + t_len]
+            s = logprobs[k, pos, tok].sum().item()
+            sums.append(s), norms.append(s / nb), ntok.append(t_len)
+            k += 1
+        results.append(ChoiceScores(letters, sums, norms, ntok))
+    return results
+
+
+def score_choices(model, tokenizer, items: Sequence[ScoreItem], batch_size: int = 16,
+                  letter_only: bool = False, system_prompt: str | None = None,
+                  progress: bool = True) -> list[ChoiceScores]:
+    """Log-likelihood of every choice of every item, `batch_size` questions per forward pass."""
+    from tqdm.auto import tqdm
+
+    encoder = PromptEncoder(tokenizer, system_prompt)
+    rows = build_score_rows(encoder, items, letter_only)
+    # Similar lengths in a batch waste less padding and keep the kept-logits range short.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + max(map(len, rows[i][2])))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[ChoiceScores | None] = [None] * len(rows)
+    bar = tqdm(range(0, len(order), batch_size), desc="scoring", disable=not progress, leave=False)
+    for start in bar:
+        idx = order[start:start + batch_size]
+        for i, res in zip(idx, _score_batch(model, pad_id, [rows[i] for i in idx])):
+            out[i] = res
+    return out  # type: ignore[return-value]
+
+
+def reference_score(model, tokenizer, user_text: str, choices: Mapping[str, str],
+                    letter_only: bool = False, system_prompt: str | None = None) -> list[float]:
+    """Slow per-choice reference (chat.encode_conversation, one unpadded forward each), for tests."""
+    import torch
+
+    from .chat import encode_conversation
+    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+        [{"role": "user", "content": user_text}]
+    out = []
+    for content in prompts.candidate_contents(choices, letter_only=letter_only):
+        ids, labels = encode_conversation(tokenizer, msgs + [{"role": "assistant", "content": content}])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        out.append(sum(lp[i - 1, ids[i]].item() for i in range(1, len(ids)) if labels[i] != IGNORE_INDEX))
+    return out

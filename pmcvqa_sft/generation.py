@@ -1,0 +1,148 @@
+"""Text generation: settings from the model's generation_config, batched left-padded generation, streaming.
+
+- Defaults come from the model's own `generation_config` (DeepSeek's: do_sample, temperature 0.6,
+  top_p 0.95); `GenerationSettings.from_model(model, temperature=..., greedy=...)` applies CLI overrides.
+- `generate_batch` pads on the LEFT (every prompt then ends at the same position, so the first new
+  token of every row is predicted from its real last prompt token) and tokenizes each rendered prompt
+  with `add_special_tokens=False` (the template already wrote BOS). Greedy batched output equals
+  unbatched output token for token (tested).
+- `stream_generate` yields text pieces as they are produced (TextIteratorStreamer + a thread).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+@dataclass
+class GenerationSettings:
+    do_sample: bool = True
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+    @classmethod
+    def from_model(cls, model, temperature: float | None = None, top_p: float | None = None,
+                   max_new_tokens: int | None = None, greedy: bool = False) -> "GenerationSettings":
+        """The model's generation_config, overridden by whatever flag was given."""
+        gc = getattr(model, "generation_config", None)
+        s = cls(do_sample=bool(getattr(gc, "do_sample", False)),
+                temperature=float(getattr(gc, "temperature", None) or 1.0),
+                top_p=float(getattr(gc, "top_p", None) or 1.0))
+        if temperature is not None:
+            s.temperature, s.do_sample = temperature, temperature > 0
+        if top_p is not None:
+            s.top_p = top_p
+        if max_new_tokens is not None:
+            s.max_new_tokens = max_new_tokens
+        if greedy:
+            s.do_sample = False
+        return s
+
+    def describe(self) -> str:
+        how = f"sampling (temperature {self.temperature:g}, top_p {self.top_p:g})" if self.do_sample else "greedy"
+        return f"{how}, up to {self.max_new_tokens} new tokens"
+
+
+def _generation_config(model, tokenizer, settings: GenerationSettings):
+    """A copy of the model's GenerationConfig with our settings (greedy drops the sampling knobs,
+    which transformers otherwise warns about)."""
+    from transformers import GenerationConfig
+    base = getattr(model, "generation_config", None)
+    gc = copy.deepcopy(base) if base is not None else GenerationConfig()
+    gc.max_new_tokens = settings.max_new_tokens
+    gc.max_length = None
+    gc.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    gc.do_sample = settings.do_sample
+    if settings.do_sample:
+        gc.temperature, gc.top_p = settings.temperature, settings.top_p
+    else:
+        gc.temperature, gc.top_p, gc.top_k = None, None, None
+    return gc
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int):
+    """(input_ids, attention_mask) tensors, padded on the left."""
+    import torch
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(list(r))
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@dataclass
+class Generated:
+    text: str            # decoded new tokens, special tokens dropped, EOS excluded
+    token_ids: list[int]  # new tokens up to and including the first EOS
+    finished: bool        # EOS reached (False = cut by max_new_tokens)
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings) -> list[Generated]:
+    """Generate for several rendered prompts at once (left-padded)."""
+    import torch
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    gc = _generation_config(model, tokenizer, settings)
+    ids, mask = left_pad(enc, gc.pad_token_id)
+    dev = _device(model)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc)
+    new = out[:, ids.shape[1]:].tolist()
+    results = []
+    for row in new:
+        eos = tokenizer.eos_token_id
+        finished = eos in row
+        row = row[:row.index(eos) + 1] if finished else row
+        text = tokenizer.decode([t for t in row if t != eos], skip_special_tokens=False)
+        results.append(Generated(text, row, finished))
+    return results
+
+
+def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
+                    stats: dict | None = None) -> Iterator[str]:
+    """Yield decoded text pieces while generating; `stats` receives n_tokens and finished at the end."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    gc = _generation_config(model, tokenizer, settings)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=_device(model))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=False)
+    holder: dict = {}
+
+    def work():
+        try:
+            with torch.no_grad():
+                holder["out"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               generation_config=gc, streamer=streamer)
+        except BaseException as exc:  # surface errors of the worker thread in the caller
+            holder["error"] = exc
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    eos_text = tokenizer.eos_token or ""
+    for piece in streamer:
+        if eos_text and eos_text in piece:
+            piece = piece.replace(eos_text, "")
+        if piece:
+            yield piece
+    thread.join()
+    if "error" in holder:
+        raise holder["error"]
+    if stats is not None:
+        new = holder["out"][0, ids.shape[1]:].tolist()
+        finished = tokenizer.eos_token_id in new
+        stats["n_tokens"] = new.index(tokenizer.eos_token_id) + 1 if finished else len(new)
+        stats["finished"] = finished

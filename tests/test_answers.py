@@ -1,0 +1,87 @@
+"""answers.py: the letter extractor on a table of output styles, and choice scoring vs a reference."""
+from __future__ import annotations
+
+import pytest
+
+from pmcvqa_sft.answers import ScoreItem, extract_answer, reference_score, score_choices, split_reasoning
+
+CH = {"A": "Computed tomography", "B": "Magnetic resonance imaging", "C": "Ultrasound", "D": "Lung"}
+CH_SUB = {"A": "Lung", "B": "Lung cancer", "C": "Liver", "D": "Kidney"}
+
+# (generated assistant turn, choices, expected letter or None for unparseable)
+CASES = [
+    ("<think>\n\n</think>\n\nAnswer: B. Magnetic resonance imaging", CH, "B"),
+    ("\n</think>\n\nAnswer: B. Magnetic resonance imaging", CH, "B"),   # continuation after the prompt
+    ("Answer: C", CH, "C"),
+    ("answer: c", CH, "C"),
+    ("The answer is B.", CH, "B"),
+    ("The correct answer is (D).", CH, "D"),
+    ("Final answer: **A**", CH, "A"),
+    ("**Answer:** B", CH, "B"),
+    ("**B**", CH, "B"),
+    ("**B. Magnetic resonance imaging**", CH, "B"),
+    ("(B)", CH, "B"),
+    ("[C]", CH, "C"),
+    ("\\boxed{B}", CH, "B"),
+    ("So the result is $\\boxed{\\text{C}}$.", CH, "C"),
+    ("B.", CH, "B"),
+    ("B", CH, "B"),
+    ("B) Magnetic resonance imaging", CH, "B"),
+    ("D: Lung", CH, "D"),
+    ("Option A is correct.", CH, "A"),
+    ("I choose choice C.", CH, "C"),
+    ("Magnetic resonance imaging", CH, "B"),
+    ("magnetic resonance imaging.", CH, "B"),
+    ("It is most likely Ultrasound given the image.", CH, "C"),
+    ("Lung cancer", CH_SUB, "B"),                     # a choice text inside another must not tie
+    ("Lung", CH_SUB, "A"),
+    ("<think>\nMaybe A or C... The figure shows B?\n</think>\n\nAnswer: D. Lung", CH, "D"),  # think ignored
+    ("<think>\nI think the answer is A\n</think>\n\nI am not sure.", CH, None),  # letter only in the think block
+    ("<think>\nThe answer is B because", CH, None),   # reasoning never closed (truncated)
+    ("", CH, None),
+    ("I don't know.", CH, None),
+    ("A) Computed tomography or B) Magnetic resonance imaging", CH, None),  # two answers
+    ("Answer: E", CH, None),                           # not a choice
+    ("Both are plausible.", CH, None),                 # 'B' inside a word is not a letter
+    ("Answer: A. Computed tomography\nWait, the answer is C.", CH, "C"),  # the restated answer wins
+    ("Answer: B", {"A": "yes", "B": "no"}, "B"),       # 2-choice question
+    ("Answer: C", {"A": "yes", "B": "no"}, None),      # letter outside this question's choices
+    ("The answer: **(B)**", CH, "B"),
+    ("\n</think>\n\n  b. magnetic resonance imaging", CH, "B"),
+]
+
+
+def test_extractor_table_is_big_enough():
+    assert len(CASES) >= 30
+    assert sum(1 for *_, want in CASES if want is None) >= 6
+
+
+@pytest.mark.parametrize("text,choices,want", CASES, ids=[repr(c[0])[:40] for c in CASES])
+def test_extractor(text, choices, want):
+    got = extract_answer(text, choices)
+    assert got.letter == want, (text, got)
+    assert (got.method == "none") == (want is None)
+
+
+def test_split_reasoning_parts():
+    r, a, closed = split_reasoning("<think>\nstep 1\n</think>\n\nAnswer: A")
+    assert (r, a, closed) == ("step 1", "Answer: A", True)
+    assert split_reasoning("<think>\nunfinished")[2] is False
+
+
+def test_batched_scores_equal_unpadded_reference(tiny_dir, tiny_tokenizer):
+    """Right-padded batched scoring == one unpadded forward per choice via chat.encode_conversation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pmcvqa_sft import prompts
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    items = [ScoreItem(prompts.format_user_prompt("Which organ produces bile?", CH_SUB), CH_SUB),
+             ScoreItem(prompts.format_user_prompt("Which imaging modality uses sound?", CH), CH),
+             ScoreItem(prompts.format_user_prompt("Pick one", {"A": "yes", "B": "no"}), {"A": "yes", "B": "no"})]
+    for letter_only in (False, True):
+        got = score_choices(model, tiny_tokenizer, items, batch_size=3, letter_only=letter_only, progress=False)
+        for it, res in zip(items, got):
+            ref = reference_score(model, tiny_tokenizer, it.user_text, it.choices, letter_only=letter_only)
+            assert res.letters == list(it.choices)
+            assert res.logprob == pytest.approx(ref, abs=1e-3)
