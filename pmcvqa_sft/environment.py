@@ -63,10 +63,6 @@ def _gb(n_bytes: float) -> float:
     return n_bytes / 1e9
 
 
-def _truthy(value) -> bool:
-    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def hub_token() -> str | None:
     """The hub token if one is configured (env or `hf auth login`); never shown, only tested and redacted."""
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
@@ -157,11 +153,6 @@ def check_requirement(req, requirements_file: str = "requirements.txt") -> Check
         return Check(req.name, WARN, f"{installed}: not a standard version, cannot compare with {spec}", pinned)
     return Check(req.name, PASS if ok else FAIL, f"{installed} ({spec})" if ok else f"{installed}, need {spec}",
                  "" if ok else pinned)
-
-
-def check_packages(requirements_path) -> list[Check]:
-    name = Path(requirements_path).name
-    return [check_requirement(r, name) for r in read_requirements(requirements_path)]
 
 
 # ---- torch device, bf16, bitsandbytes ----
@@ -326,7 +317,8 @@ def check_ram() -> list[Check]:
 # ---- the hub ----
 
 def offline_vars() -> list[str]:
-    return [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _truthy(os.environ.get(v))]
+    return [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+            if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
 
 
 def _with_deadline(fn, seconds: float):
@@ -350,11 +342,11 @@ def _with_deadline(fn, seconds: float):
 
 def check_hub(model_id: str) -> list[Check]:
     token_set = hub_token() is not None
+    token_row = Check("hub token", PASS, "set" if token_set else "not set (only gated or private repos need one)")
     offline = offline_vars()
     if offline:
         return [Check("hub", WARN, f"offline mode ({', '.join(v + '=1' for v in offline)}): not contacted",
-                      OFFLINE_FIX),
-                Check("hub token", PASS, "set" if token_set else "not set (only gated or private repos need one)")]
+                      OFFLINE_FIX), token_row]
     from huggingface_hub import constants, model_info
     start = time.monotonic()
     try:
@@ -362,16 +354,13 @@ def check_hub(model_id: str) -> list[Check]:
     except Exception as exc:
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         return [Check("hub", WARN, f"{constants.ENDPOINT} unreachable ({type(exc).__name__}: {reason})",
-                      f"{OFFLINE_FIX}; set HF_HUB_OFFLINE=1 to skip the network"),
-                Check("hub token", PASS, "set" if token_set else "not set (only gated or private repos need one)")]
+                      f"{OFFLINE_FIX}; set HF_HUB_OFFLINE=1 to skip the network"), token_row]
     rows = [Check("hub", PASS, f"{constants.ENDPOINT} reachable ({time.monotonic() - start:.1f} s), "
                   f"{model_id} found")]
     if getattr(info, "gated", False) and not token_set:
-        rows.append(Check("hub token", FAIL, f"not set, and {model_id} is gated",
-                          "set HF_TOKEN or run `hf auth login` (older huggingface_hub: `huggingface-cli login`)"))
-    else:
-        rows.append(Check("hub token", PASS, "set" if token_set else "not set (not needed: the model is public)"))
-    return rows
+        return rows + [Check("hub token", FAIL, f"not set, and {model_id} is gated",
+                             "set HF_TOKEN or run `hf auth login` (older huggingface_hub: `huggingface-cli login`)")]
+    return rows + [token_row]
 
 
 # ---- the smoke test: the real pipeline on the tiny model, in miniature ----
@@ -399,15 +388,20 @@ def run_smoke(progress=lambda msg: None) -> list[Check]:
     """Tiny model, 8-bit + LoRA, a few optimizer steps (the loss must fall), one greedy generation."""
     import warnings
 
+    from transformers.utils import logging as hf_logging
+    quiet_bitsandbytes()
+    hf_logging.disable_progress_bar()  # the weight-loading bar would break the table
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers API
+        return _smoke(progress)
+
+
+def _smoke(progress) -> list[Check]:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers.utils import logging as hf_logging
 
     from . import chat, modeling, prompts, tiny
     start = time.monotonic()
-    quiet_bitsandbytes()
-    hf_logging.disable_progress_bar()  # the weight-loading bar would break the table
-    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a deprecated transformers API
     folder = tiny.ensure_tiny(log=progress)
     tokenizer = modeling.load_tokenizer(str(folder))
     batch, records = _smoke_batch(tokenizer, SMOKE_ROWS)
@@ -489,7 +483,8 @@ def format_table(rows: list[Check]) -> str:
     s = summarize(rows)
     verdict = ("ready" + (" (warnings: fine for the tiny demo, see the ! lines for the 8B run)" if s["warnings"]
                           else "") if s["ok"] else "not ready: fix the ✗ lines above")
-    lines.append(f"\n{s['passed']} passed, {s['warnings']} warnings, {s['failed']} failed: {verdict}")
+    plural = "" if s["warnings"] == 1 else "s"
+    lines.append(f"\n{s['passed']} passed, {s['warnings']} warning{plural}, {s['failed']} failed: {verdict}")
     return "\n".join(lines)
 
 
