@@ -152,6 +152,7 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, overwrite: bool = False
                                                temperature=0.6, top_p=0.95)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary shared folder
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
