@@ -14,7 +14,7 @@ from .errors import InputError
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
 QUANTIZATIONS = ("8bit", "4bit", "none")
 OFFLINE_HINT = ("Offline? pass --model tiny (the embedded tiny model) or a local folder with the "
-                "downloaded model (huggingface-cli download deepseek-ai/DeepSeek-R1-Distill-Llama-8B --local-dir DIR)")
+                "downloaded model (hf download deepseek-ai/DeepSeek-R1-Distill-Llama-8B --local-dir DIR)")
 
 
 
