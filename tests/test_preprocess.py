@@ -366,3 +366,49 @@ def test_script_end_to_end_and_user_check_script(tmp_path, tiny_dir):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and r.stdout.count("PASS") >= 7 and "⟦" in r.stdout
+
+
+# ---------------------------------------------------------------- the fast path is checked
+def test_shared_prefix_cache_is_exact_and_falls_back(tiny_tokenizer, real_tokenizer, monkeypatch):
+    from pmcvqa_sft import preprocess
+    users = [prompts.format_user_prompt(q, c) for q, c in (
+        ("Which organ produces bile?", {"A": "Liver", "B": "Heart"}),
+        ("3D reconstruction: which bone?", {"A": "Femur", "B": "Tibia", "C": "Ulna"}),
+        ("'Quoted' question?", {"A": "x", "B": "y"}))]
+    for tok in (tiny_tokenizer, real_tokenizer):
+        enc = FastPromptEncoder(tok)
+        whole = preprocess.batch_ids(tok, [enc.prompt_text(u) for u in users])
+        parts = enc.prompt_parts(users)
+        assert [h + r for h, r in parts] == whole and enc.prefix_exact == 1 and len(parts[0][0]) > 20
+    real_batch_ids = preprocess.batch_ids
+
+    def corrupt_head(tok, texts):  # a tokenizer where cutting at the prefix would not be exact
+        ids = real_batch_ids(tok, texts)
+        return [i + [0] for i in ids] if len(texts) == 1 else ids
+    monkeypatch.setattr(preprocess, "batch_ids", corrupt_head)
+    enc = FastPromptEncoder(tiny_tokenizer)
+    parts = enc.prompt_parts(users)
+    assert enc.prefix_batches == 1 and enc.prefix_exact == 0   # detected, whole prompts tokenized
+    assert [h + r for h, r in parts] == real_batch_ids(tiny_tokenizer, [enc.prompt_text(u) for u in users])
+
+
+def test_every_job_verifies_the_fast_path(tmp_path, tiny_tokenizer, monkeypatch):
+    data = write_v1(tmp_path / "d.csv", simple_rows(6))
+    monkeypatch.setattr(FastPromptEncoder, "prompt_text", lambda self, u: self.head + u + " " + self.tail)
+    with pytest.raises(AssertionError, match="differs from apply_chat_template"):
+        run(tmp_path, data, tiny_tokenizer)
+    assert not (tmp_path / "out").exists()
+
+
+def test_edited_conversation_shape_uses_the_reference_path(tmp_path, tiny_tokenizer, monkeypatch):
+    """A few-shot edit of create_conversation is no longer [user, assistant]: rows still come out exact."""
+    original = prompts.create_conversation
+    shot = [{"role": "user", "content": "Question: 1+1?"}, {"role": "assistant", "content": "<think>\n\n</think>\n\nAnswer: A. 2"}]
+
+    def few_shot(*a, **kw):
+        return shot + original(*a, **kw)
+    monkeypatch.setattr(prompts, "create_conversation", few_shot)
+    out, rep = run(tmp_path, write_v1(tmp_path / "d.csv", simple_rows(6)), tiny_tokenizer, val_size=0)
+    row = load_processed(out)[0]["train"][0]
+    assert (row["input_ids"], row["labels"]) == reference(tiny_tokenizer, row)  # via the edited function
+    assert "1+1?" in tiny_tokenizer.decode(row["input_ids"]) and rep["prefix_cache"]["batches"] == 0
