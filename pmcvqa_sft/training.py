@@ -1,0 +1,403 @@
+"""LoRA/QLoRA supervised fine-tuning with transformers `Trainer` + PEFT + bitsandbytes + accelerate.
+
+`run_training(TrainOptions(...))` does the whole job; `train_sft_example.py` is a thin CLI over it.
+Output folder (`output_dir`):
+    adapter/            the final adapter (best checkpoint by eval loss when a validation split exists):
+                        adapter_config.json + adapter_model.safetensors, with the tokenizer and chat
+                        template used in training; loads with PeftModel / AutoPeftModelForCausalLM
+    run_card.json       arguments, versions, preprocess report, trainable parameters, loss history,
+                        runtime, tokens/s, real-token share
+    loss_curve.png      train and eval loss
+    tensorboard/        TensorBoard event files
+    checkpoint-<step>/  Trainer checkpoints (adapter, optimizer, scheduler, RNG, sampler position)
+    train_args.json     written at start: marks the folder as a training run
+Exact resume: `resume_from_checkpoint="auto"` continues from the latest checkpoint with the same data
+order (see collate.EpochLengthGroupedSampler) and RNG state.
+Test hooks (environment): PMCVQA_KILL_AFTER_SAVE=<step> SIGKILLs the process right after that
+checkpoint is saved; PMCVQA_DEBUG_SEEN_ROWS=<dir> writes the source rows each rank trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from .collate import LENGTH_COLUMN, ROW_ID_KEY, EpochLengthGroupedSampler, SFTCollator, add_length_column
+from .errors import InputError
+
+ADAPTER_DIR = "adapter"
+RUN_CARD = "run_card.json"
+LOSS_PNG = "loss_curve.png"
+MARKER = "train_args.json"
+KILL_ENV = "PMCVQA_KILL_AFTER_SAVE"
+SEEN_ENV = "PMCVQA_DEBUG_SEEN_ROWS"
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    dataset_dir: str
+    model: str = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    output_dir: str = "runs/sft"
+    quantization: str = "8bit"
+    num_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 8
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    max_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_steps: int = 50
+    save_steps: int | None = None
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    resume_from_checkpoint: str | None = None
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    overwrite: bool = False
+    report_to: str = "tensorboard"
+    progress: bool = True
+
+
+# ---- checks of the user's input ----
+
+def validate_options(o: TrainOptions) -> None:
+    from .modeling import check_quantization
+    check_quantization(o.quantization)
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "eval_steps",
+                 "logging_steps", "save_total_limit"):
+        if getattr(o, name) < 1:
+            raise InputError(f"--{name} must be at least 1 (got {getattr(o, name)})")
+    if o.save_steps is not None and o.save_steps < 1:
+        raise InputError(f"--save_steps must be at least 1 (got {o.save_steps})")
+    if o.max_steps <= 0 and o.num_epochs <= 0:
+        raise InputError("give --num_epochs > 0 or --max_steps > 0")
+    if not 0 <= o.warmup_ratio < 1:
+        raise InputError(f"--warmup_ratio must be in [0, 1) (got {o.warmup_ratio})")
+
+
+def _is_run_folder(d: Path) -> bool:
+    return any((d / n).exists() for n in (MARKER, RUN_CARD, ADAPTER_DIR)) or any(d.glob("checkpoint-*"))
+
+
+def resolve_resume(o: TrainOptions) -> str | None:
+    """The checkpoint to resume from (None: fresh start); refuses to train over another run."""
+    from transformers.trainer_utils import get_last_checkpoint
+    out = Path(o.output_dir)
+    if o.resume_from_checkpoint not in (None, "", "auto"):
+        ckpt = Path(o.resume_from_checkpoint)
+        if not (ckpt / "trainer_state.json").is_file():
+            raise InputError(f"--resume_from_checkpoint '{ckpt}' is not a Trainer checkpoint "
+                             f"(no trainer_state.json); pass auto or a checkpoint-<step> folder")
+        return str(ckpt)
+    busy = out.is_dir() and any(out.iterdir())
+    if o.resume_from_checkpoint == "auto":
+        return get_last_checkpoint(str(out)) if out.is_dir() else None
+    if busy and not o.overwrite:
+        raise InputError(f"output folder '{out}' already holds {'a training run' if _is_run_folder(out) else 'files'}; "
+                         f"pass --resume_from_checkpoint auto to continue it, --overwrite to replace it, "
+                         f"or another --output_dir")
+    if busy and not _is_run_folder(out):
+        raise InputError(f"output folder '{out}' holds files that are not a training run; "
+                         f"refusing to delete them even with --overwrite: choose another --output_dir")
+    return None
+
+
+def check_dataset_matches(report: dict, tokenizer, dataset_dir, model_name) -> None:
+    """Refuse a dataset tokenized with another tokenizer or chat template than the model's."""
+    from .chat import template_hash
+    want = {"vocab_size": len(tokenizer), "template_hash": template_hash(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id}
+    bad = [f"{k} {report.get(k)} vs {v}" for k, v in want.items() if k in report and report[k] != v]
+    if bad:
+        raise InputError(f"dataset '{dataset_dir}' was built with another tokenizer or chat template than "
+                         f"model '{model_name}' (dataset vs model: {'; '.join(bad)}); rerun "
+                         f"preprocess_pmc_vqa_for_sft.py --tokenizer {model_name}")
+
+
+# ---- data ----
+
+def prepare_datasets(dsd, o: TrainOptions):
+    """(train, eval or None) with a precomputed length column; provenance columns kept for the debug hook."""
+    if "train" not in dsd or len(dsd["train"]) == 0:
+        raise InputError(f"dataset '{o.dataset_dir}' has no train rows (splits: {dict(dsd.num_rows)})")
+    keep = {"input_ids", "labels", LENGTH_COLUMN, "source_row"}
+
+    def trim(ds, n):
+        if n is not None:
+            ds = ds.select(range(min(n, len(ds))))
+        ds = add_length_column(ds)
+        return ds.remove_columns([c for c in ds.column_names if c not in keep])
+
+    train = trim(dsd["train"], o.max_samples)
+    ev = dsd.get("validation")
+    ev = trim(ev, o.max_eval_samples) if ev is not None and len(ev) else None
+    return train, ev
+
+
+# ---- model ----
+
+def build_model(o: TrainOptions, tokenizer, log=print):
+    """The base model (quantized as asked, on this process's device) wrapped with LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from .modeling import device_map_for_process, load_model, lora_config
+    model = load_model(o.model, o.quantization, device_map=device_map_for_process())
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    gc_kwargs = {"use_reentrant": False}
+    if o.quantization != "none":
+        # fp32 norms/head for stability and input grads for checkpointing through frozen int8/nf4 layers
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    try:
+        model = get_peft_model(model, lora_config(o.lora_r, o.lora_alpha, o.lora_dropout, o.target_modules))
+    except ValueError as exc:
+        raise InputError(f"--target_modules '{o.target_modules}': {' '.join(str(exc).split())[:200]}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    return model, {"trainable": trainable, "total": total, "percent": 100 * trainable / total}
+
+
+# ---- Trainer ----
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class SFTLoRATrainer(Trainer):
+        """Trainer + seeded length grouping + a count of real vs computed tokens in training batches."""
+
+        real_tokens = 0
+        computed_tokens = 0
+        seen_rows: list[int] | None = None
+
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochLengthGroupedSampler(ds[LENGTH_COLUMN],
+                                             self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                             seed)
+
+        def _prepare_inputs(self, inputs):
+            rows = inputs.pop(ROW_ID_KEY, None)
+            if self.model.training:
+                mask = inputs["attention_mask"]
+                self.real_tokens += int(mask.sum())
+                self.computed_tokens += mask.numel()
+                if rows is not None and self.seen_rows is not None:
+                    self.seen_rows.extend(rows.tolist())
+            return super()._prepare_inputs(inputs)
+
+    return SFTLoRATrainer
+
+
+def _callbacks():
+    from transformers import TrainerCallback
+
+    class KillAfterSave(TrainerCallback):
+        """Test hook: simulate a crash (SIGKILL, no cleanup) right after checkpoint `step` is written."""
+
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAfterSave
+
+
+def training_arguments(o: TrainOptions, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    from .modeling import compute_dtype
+    save_steps = o.save_steps or o.eval_steps
+    if has_eval and save_steps % o.eval_steps:
+        raise InputError(f"--save_steps ({save_steps}) must be a multiple of --eval_steps ({o.eval_steps}) "
+                         f"to keep the best checkpoint by eval loss")
+    if o.report_to == "tensorboard":
+        # transformers 5 takes the TensorBoard folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(o.output_dir) / "tensorboard")
+    warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_ratio
+    return TrainingArguments(
+        output_dir=o.output_dir, num_train_epochs=o.num_epochs, max_steps=o.max_steps,
+        per_device_train_batch_size=o.per_device_train_batch_size,
+        per_device_eval_batch_size=o.per_device_eval_batch_size or o.per_device_train_batch_size,
+        gradient_accumulation_steps=o.gradient_accumulation_steps, learning_rate=o.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm, optim="adamw_torch",
+        logging_steps=o.logging_steps, eval_strategy="steps" if has_eval else "no", eval_steps=o.eval_steps,
+        save_strategy="steps", save_steps=save_steps, save_total_limit=o.save_total_limit,
+        load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None, prediction_loss_only=True,
+        seed=o.seed, data_seed=o.seed, bf16=compute_dtype() == torch.bfloat16,
+        gradient_checkpointing=o.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if o.gradient_checkpointing else None,
+        remove_unused_columns=False, train_sampling_strategy="group_by_length",
+        length_column_name=LENGTH_COLUMN, ddp_find_unused_parameters=False,
+        report_to=[o.report_to] if o.report_to and o.report_to != "none" else "none",
+        disable_tqdm=not o.progress, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available())
+
+
+# ---- outputs ----
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_adapter(model, tokenizer, out: Path, base_name: str) -> Path:
+    """adapter weights + config + tokenizer into `out/adapter`, via a temp folder and renames."""
+    final = out / ADAPTER_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_name  # the id/folder actually trained on, for AutoPeft*
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        old = None
+        if final.exists():
+            old = out / f".{ADAPTER_DIR}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        for f in [tmp, *tmp.iterdir()]:
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _device_name() -> str:
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+@dataclasses.dataclass
+class RunSetup:
+    trainer: object
+    tokenizer: object
+    report: dict
+    resume: str | None
+    state: object
+    params: dict
+    seen_dir: str | None
+
+
+def setup_run(o: TrainOptions, log=print) -> RunSetup:
+    """Checks, output folder, data, model and the Trainer, ready for `trainer.train()`."""
+    from accelerate import PartialState
+
+    from .dataset_io import load_processed
+    from .modeling import check_bitsandbytes, load_tokenizer
+    validate_options(o)
+    dsd, report = load_processed(o.dataset_dir)
+    check_bitsandbytes(o.quantization)
+    state = PartialState()  # sets up the process group under `accelerate launch` / torchrun
+    resume = resolve_resume(o)  # every rank checks before rank 0 touches the folder
+    state.wait_for_everyone()
+    out = Path(o.output_dir)
+    if state.is_main_process:
+        if o.overwrite and resume is None and out.is_dir() and o.resume_from_checkpoint is None:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(out / MARKER, dataclasses.asdict(o))
+    state.wait_for_everyone()
+
+    tokenizer = load_tokenizer(o.model)
+    tokenizer.padding_side = "right"  # training pads on the right; generation (elsewhere) on the left
+    check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
+    train_ds, eval_ds = prepare_datasets(dsd, o)
+    log(f"train rows: {len(train_ds)}; validation rows: {len(eval_ds) if eval_ds is not None else 0}"
+        + ("" if eval_ds is not None else " (no validation split: no eval, last checkpoint kept)"))
+    args = training_arguments(o, has_eval=eval_ds is not None)
+    from transformers import set_seed
+    set_seed(o.seed)  # the LoRA A matrices are random: same seed, same init, whatever ran before
+    model, params = build_model(o, tokenizer, log=log)
+
+    seen_dir = os.environ.get(SEEN_ENV)
+    collator = SFTCollator(tokenizer.pad_token_id, with_row_ids=bool(seen_dir))
+    callbacks = [_callbacks()(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                               data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    trainer.seen_rows = [] if seen_dir else None
+    return RunSetup(trainer, tokenizer, report, resume, state, params, seen_dir)
+
+
+def run_training(o: TrainOptions, log=print) -> dict:
+    """Train; returns the run card (also written to `<output_dir>/run_card.json` by the main process)."""
+    from .chat import template_hash
+    from .modeling import resolve_name
+    run = setup_run(o, log=log)
+    trainer, state, out = run.trainer, run.state, Path(o.output_dir)
+    if run.resume:
+        log(f"resuming from {run.resume}")
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=run.resume)
+    wall = time.perf_counter() - t0
+    share = trainer.real_tokens / trainer.computed_tokens if trainer.computed_tokens else None
+    log(f"real-token share of computed training tokens: {share:.2%}" if share is not None else
+        "no training step ran in this process (already finished)")
+    if run.seen_dir:
+        Path(run.seen_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run.seen_dir) / f"seen_rank{state.process_index}.json").write_text(json.dumps(trainer.seen_rows))
+
+    history = trainer.state.log_history
+    card = {
+        "args": dataclasses.asdict(o), "model_path": resolve_name(o.model), "resumed_from": run.resume,
+        "versions": library_versions(), "device": _device_name(), "world_size": state.num_processes,
+        "dtype": "bf16" if trainer.args.bf16 else "fp32", "preprocess_report": run.report,
+        "template_hash": template_hash(run.tokenizer), "trainable_parameters": run.params,
+        "global_step": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint, "best_eval_loss": trainer.state.best_metric,
+        "train_loss": [{"step": s, "loss": v} for s, v in _series(history, "loss")],
+        "eval_loss": [{"step": s, "loss": v} for s, v in _series(history, "eval_loss")],
+        "log_history": history, "runtime_s": round(wall, 3), "train_metrics": result.metrics,
+        # token counts: this process's training batches (after a resume, the resumed part only);
+        # tokens/s = all ranks' real tokens over the wall time of train() (eval and saving included)
+        "real_tokens": trainer.real_tokens, "computed_tokens": trainer.computed_tokens,
+        "real_token_share": share,
+        "real_tokens_per_s": trainer.real_tokens * state.num_processes / wall if wall else None,
+    }
+    if state.is_main_process:
+        from .plots import plot_loss_curve
+        save_adapter(trainer.model, run.tokenizer, out, resolve_name(o.model))
+        plot_loss_curve(history, out / LOSS_PNG, title=f"LoRA SFT of {o.model}")
+        _atomic_json(out / RUN_CARD, card)
+        log(f"adapter: {out / ADAPTER_DIR}; run card: {out / RUN_CARD}; loss curve: {out / LOSS_PNG}")
+    state.wait_for_everyone()
+    return card
+
+
+def _series(history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(e["step"]), float(e[key])) for e in history if key in e and "step" in e]
