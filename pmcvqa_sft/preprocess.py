@@ -96,8 +96,8 @@ def check_output_dir(output_dir, overwrite: bool) -> Path:
             # --overwrite replaces earlier preprocessor output only, never an unrelated folder.
             raise InputError(f"output folder '{out}' is not a preprocessor output (no {REPORT_NAME}); "
                              f"refusing to replace it, choose another --output_dir")
-    if not out.parent.exists():
-        raise InputError(f"parent folder of --output_dir '{out}' does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InputError(f"--output_dir '{out}': '{out.parent}' is a file, not a folder")
     return out
 
 
@@ -427,7 +427,11 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
     tokens = sum(all_p) + sum(all_t)
     lap("build")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        raise InputError(f"cannot write beside --output_dir '{out}': {exc.strerror or exc}") from None
     try:
         _save(dsd, tmp, num_proc, progress)
         lap("save")

@@ -286,6 +286,11 @@ def test_existing_output_refused_then_overwritten(tmp_path, tiny_tokenizer):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
 
 
+def test_output_parent_folders_are_created(tmp_path, tiny_tokenizer):
+    out, rep = run(tmp_path, write_v1(tmp_path / "d.csv", simple_rows(4)), tiny_tokenizer, "a/b/out", val_size=0)
+    assert load_processed(out)[1]["splits"] == {"train": 4}
+
+
 def test_failure_mid_write_leaves_no_output(tmp_path, tiny_tokenizer, monkeypatch):
     from datasets import DatasetDict
     data = write_v1(tmp_path / "d.csv", simple_rows(8))
@@ -412,3 +417,16 @@ def test_edited_conversation_shape_uses_the_reference_path(tmp_path, tiny_tokeni
     row = load_processed(out)[0]["train"][0]
     assert (row["input_ids"], row["labels"]) == reference(tiny_tokenizer, row)  # via the edited function
     assert "1+1?" in tiny_tokenizer.decode(row["input_ids"]) and rep["prefix_cache"]["batches"] == 0
+
+
+def test_tokenizer_without_chat_template_gets_the_plain_format(tmp_path, tiny_tokenizer):
+    import copy
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    out, rep = run(tmp_path, write_v1(tmp_path / "d.csv", simple_rows(6)), tok, val_size=0)
+    assert rep["chat_template"].startswith("plain") and rep["template_hash"] == chat.template_hash(tok)
+    row = load_processed(out)[0]["train"][0]
+    assert (row["input_ids"], row["labels"]) == reference(tok, row)
+    n = row["labels"].count(-100)
+    assert tok.decode(row["input_ids"][:n]).endswith("\n\n### Response:\n")
+    assert tok.decode(row["input_ids"][n:]).startswith("<think>\n\n</think>\n\nAnswer: ")
