@@ -60,12 +60,24 @@ class SFTCollator:
         return batch
 
 
-def add_length_column(ds, num_proc: int | None = None):
-    """Precompute `length` (tokens per row) so the sampler doesn't scan every row at startup."""
+def add_length_column(ds):
+    """Precompute `length` (tokens per row) so the sampler doesn't scan every row at startup.
+
+    Computed from the Arrow column in memory: nothing is written into the dataset folder (a `map` would
+    leave cache files there, and DDP ranks would race on them).
+    """
+    import pyarrow.compute as pc
     if LENGTH_COLUMN in ds.column_names:
         return ds
-    return ds.map(lambda b: {LENGTH_COLUMN: [len(x) for x in b["input_ids"]]}, batched=True,
-                  num_proc=num_proc, desc="length column")
+    if getattr(ds, "_indices", None) is not None:
+        ds = ds.flatten_indices()
+    lengths = pc.list_value_length(ds.data.column("input_ids")).to_numpy()
+    return ds.add_column(LENGTH_COLUMN, lengths.astype("int32"))
+
+
+def lengths_of(ds) -> list[int]:
+    """The `length` column as a plain list (one Arrow read, not a Python loop over rows)."""
+    return ds.select_columns([LENGTH_COLUMN]).with_format("numpy")[:][LENGTH_COLUMN].tolist()
 
 
 class EpochLengthGroupedSampler(Sampler):

@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .collate import LENGTH_COLUMN, ROW_ID_KEY, EpochLengthGroupedSampler, SFTCollator, add_length_column
+from .collate import (LENGTH_COLUMN, ROW_ID_KEY, EpochLengthGroupedSampler, SFTCollator, add_length_column,
+                      lengths_of)
 from .errors import InputError
 
 ADAPTER_DIR = "adapter"
@@ -85,6 +86,9 @@ def validate_options(o: TrainOptions) -> None:
         raise InputError(f"--save_steps must be at least 1 (got {o.save_steps})")
     if o.max_steps <= 0 and o.num_epochs <= 0:
         raise InputError("give --num_epochs > 0 or --max_steps > 0")
+    if o.save_steps is not None and o.save_steps % o.eval_steps:
+        raise InputError(f"--save_steps ({o.save_steps}) must be a multiple of --eval_steps ({o.eval_steps}) "
+                         f"to keep the best checkpoint by eval loss")
     if not 0 <= o.warmup_ratio < 1:
         raise InputError(f"--warmup_ratio must be in [0, 1) (got {o.warmup_ratio})")
 
@@ -137,9 +141,9 @@ def prepare_datasets(dsd, o: TrainOptions):
     keep = {"input_ids", "labels", LENGTH_COLUMN, "source_row"}
 
     def trim(ds, n):
+        ds = add_length_column(ds)
         if n is not None:
             ds = ds.select(range(min(n, len(ds))))
-        ds = add_length_column(ds)
         return ds.remove_columns([c for c in ds.column_names if c not in keep])
 
     train = trim(dsd["train"], o.max_samples)
@@ -186,7 +190,7 @@ def _trainer_class():
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return EpochLengthGroupedSampler(ds[LENGTH_COLUMN],
+            return EpochLengthGroupedSampler(lengths_of(ds),
                                              self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                              seed)
 
@@ -225,9 +229,6 @@ def training_arguments(o: TrainOptions, has_eval: bool):
 
     from .modeling import compute_dtype
     save_steps = o.save_steps or o.eval_steps
-    if has_eval and save_steps % o.eval_steps:
-        raise InputError(f"--save_steps ({save_steps}) must be a multiple of --eval_steps ({o.eval_steps}) "
-                         f"to keep the best checkpoint by eval loss")
     if o.report_to == "tensorboard":
         # transformers 5 takes the TensorBoard folder from the environment only
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(o.output_dir) / "tensorboard")
@@ -249,7 +250,7 @@ def training_arguments(o: TrainOptions, has_eval: bool):
         remove_unused_columns=False, train_sampling_strategy="group_by_length",
         length_column_name=LENGTH_COLUMN, ddp_find_unused_parameters=False,
         report_to=[o.report_to] if o.report_to and o.report_to != "none" else "none",
-        disable_tqdm=not o.progress, dataloader_num_workers=0,
+        use_cpu=_cpu_only(), disable_tqdm=not o.progress, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available())
 
 
@@ -298,6 +299,12 @@ def library_versions() -> dict:
     return out
 
 
+def _cpu_only() -> bool:
+    import torch
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps and mps.is_available())
+
+
 def _device_name() -> str:
     import torch
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -323,7 +330,12 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     validate_options(o)
     dsd, report = load_processed(o.dataset_dir)
     check_bitsandbytes(o.quantization)
-    state = PartialState()  # sets up the process group under `accelerate launch` / torchrun
+    tokenizer = load_tokenizer(o.model)
+    tokenizer.padding_side = "right"  # training pads on the right; generation (elsewhere) on the left
+    check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
+    # sets up the process group under `accelerate launch` / torchrun; without an accelerator accelerate
+    # only forms a multi-process (gloo) group when told it runs on the CPU
+    state = PartialState(cpu=_cpu_only())
     resume = resolve_resume(o)  # every rank checks before rank 0 touches the folder
     state.wait_for_everyone()
     out = Path(o.output_dir)
@@ -334,9 +346,6 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
         _atomic_json(out / MARKER, dataclasses.asdict(o))
     state.wait_for_everyone()
 
-    tokenizer = load_tokenizer(o.model)
-    tokenizer.padding_side = "right"  # training pads on the right; generation (elsewhere) on the left
-    check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
     train_ds, eval_ds = prepare_datasets(dsd, o)
     log(f"train rows: {len(train_ds)}; validation rows: {len(eval_ds) if eval_ds is not None else 0}"
         + ("" if eval_ds is not None else " (no validation split: no eval, last checkpoint kept)"))

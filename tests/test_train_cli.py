@@ -1,0 +1,108 @@
+"""train_sft_example.py: every bad input gets a one-line error (exit 2); DDP over 2 CPU processes."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train import ROOT, SCRIPT, script_env
+
+
+def run_main_in_process(argv, capsys):
+    """The script's main() under run_main, as the shell runs it: (exit code, stderr lines)."""
+    import train_sft_example
+    from pmcvqa_sft.errors import run_main
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: train_sft_example.main(argv))
+    err = capsys.readouterr().err
+    return exc.value.code, [line for line in err.splitlines() if line.strip()]
+
+
+def one_line_error(code, lines, *needles):
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0], lines
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture()
+def base_argv(processed_tiny, tiny_dir, tmp_path):
+    return ["--model", str(tiny_dir), "--dataset_dir", str(processed_tiny), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "1", "--report_to", "none", "--no_progress"]
+
+
+def test_unknown_quantization_subprocess(base_argv):
+    r = subprocess.run([sys.executable, str(SCRIPT), *base_argv, "--quantization", "3bit"], env=script_env(),
+                       capture_output=True, text=True)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    one_line_error(r.returncode, lines, "unknown quantization '3bit'", "8bit, 4bit, none")
+
+
+def test_missing_or_foreign_dataset_folder(base_argv, tmp_path, capsys):
+    argv = list(base_argv)
+    i = argv.index("--dataset_dir") + 1
+    argv[i] = str(tmp_path / "nope")
+    one_line_error(*run_main_in_process(argv, capsys), "does not exist", "preprocess")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "train.csv").write_text("a,b\n1,2\n")
+    argv[i] = str(foreign)
+    one_line_error(*run_main_in_process(argv, capsys), "not produced by preprocess")
+
+
+def test_output_folder_holding_another_run(base_argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train_args.json").write_text("{}")
+    (out / "checkpoint-5").mkdir()
+    one_line_error(*run_main_in_process(base_argv, capsys), "already holds a training run", "--overwrite")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    argv = [*base_argv[:base_argv.index("--output_dir") + 1], str(other), *base_argv[base_argv.index("--output_dir") + 2:]]
+    one_line_error(*run_main_in_process(argv + ["--overwrite"], capsys), "not a training run")
+    assert (other / "notes.txt").read_text() == "mine"
+    one_line_error(*run_main_in_process(base_argv + ["--resume_from_checkpoint", str(tmp_path / "ck")], capsys),
+                   "not a Trainer checkpoint")
+
+
+def test_dataset_built_with_another_tokenizer_is_refused(base_argv, processed_tiny, tmp_path, capsys):
+    other = tmp_path / "other_tok"
+    shutil.copytree(processed_tiny, other)
+    report = json.loads((other / "preprocess_report.json").read_text())
+    report["vocab_size"], report["template_hash"] = 128256, "0" * 64
+    (other / "preprocess_report.json").write_text(json.dumps(report))
+    argv = list(base_argv)
+    argv[argv.index("--dataset_dir") + 1] = str(other)
+    one_line_error(*run_main_in_process(argv, capsys), "another tokenizer or chat template", "vocab_size 128256")
+
+
+def test_bitsandbytes_unusable(base_argv, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+    one_line_error(*run_main_in_process(base_argv + ["--quantization", "4bit"], capsys),
+                   "needs bitsandbytes", "pip install", "--quantization none")
+
+
+def test_ddp_two_cpu_processes_see_disjoint_data(processed_tiny, tiny_dir, tmp_path):
+    """torchrun, 2 processes, gloo, 8-bit base: completes, one adapter, ranks trained on disjoint rows."""
+    seen = tmp_path / "seen"
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+           "--model", str(tiny_dir), "--dataset_dir", str(processed_tiny), "--output_dir", str(out),
+           "--quantization", "8bit", "--max_steps", "3", "--per_device_train_batch_size", "4",
+           "--gradient_accumulation_steps", "1", "--eval_steps", "3", "--max_samples", "48",
+           "--max_eval_samples", "8", "--logging_steps", "1", "--no-gradient_checkpointing",
+           "--report_to", "none", "--no_progress"]
+    r = subprocess.run(cmd, env=script_env(PMCVQA_DEBUG_SEEN_ROWS=seen), capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1 = (json.loads((seen / f"seen_rank{i}.json").read_text()) for i in (0, 1))
+    assert len(rank0) == len(rank1) == 3 * 4
+    assert not set(rank0) & set(rank1), (rank0, rank1)
+    card = json.loads((out / "run_card.json").read_text())
+    assert card["world_size"] == 2 and card["global_step"] == 3
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
