@@ -13,6 +13,8 @@ A row that still does not fit is skipped as `too_long`.
 """
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import os
 import platform
@@ -119,6 +121,12 @@ def batch_ids(tokenizer, texts) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    # A padded/truncated call such as tok(x, padding="max_length") leaves that state on the backend;
+    # transformers clears it on its next call, and so must we.
+    if backend.padding is not None:
+        backend.no_padding()
+    if backend.truncation is not None:
+        backend.no_truncation()
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
@@ -349,6 +357,22 @@ def _dir_bytes(path: Path) -> int:
 
 
 # ---------------------------------------------------------------- the job
+def _gc_paused(fn):
+    """Run with the cyclic GC off: the millions of token lists built here hold no cycles, yet each GC
+    pass rescans them all (about 20 % of a 177k-row run)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was_on = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_on:
+                gc.enable()
+    return wrapper
+
+
+@_gc_paused
 def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_samples=None, val_size=0.05,
                    overwrite=False, num_proc=1, system_prompt=None, reasoning=False, include_caption=False,
                    seed=42, tokenizer=None, progress=True) -> dict:

@@ -397,6 +397,13 @@ def test_shared_prefix_cache_is_exact_and_falls_back(tiny_tokenizer, real_tokeni
     assert [h + r for h, r in parts] == real_batch_ids(tiny_tokenizer, [enc.prompt_text(u) for u in users])
 
 
+def test_backend_padding_state_left_by_an_earlier_call_is_cleared(tiny_tokenizer):
+    from pmcvqa_sft.preprocess import batch_ids
+    tiny_tokenizer("x", padding="max_length", max_length=64, truncation=True)  # leaves padding on the backend
+    assert batch_ids(tiny_tokenizer, ["Which organ?"]) == [tiny_tokenizer("Which organ?", add_special_tokens=False)["input_ids"]]
+    assert len(batch_ids(tiny_tokenizer, ["Which organ?"])[0]) < 64
+
+
 def test_every_job_verifies_the_fast_path(tmp_path, tiny_tokenizer, monkeypatch):
     data = write_v1(tmp_path / "d.csv", simple_rows(6))
     monkeypatch.setattr(FastPromptEncoder, "prompt_text", lambda self, u: self.head + u + " " + self.tail)
