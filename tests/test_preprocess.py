@@ -399,9 +399,14 @@ def test_shared_prefix_cache_is_exact_and_falls_back(tiny_tokenizer, real_tokeni
 
 def test_backend_padding_state_left_by_an_earlier_call_is_cleared(tiny_tokenizer):
     from pmcvqa_sft.preprocess import batch_ids
-    tiny_tokenizer("x", padding="max_length", max_length=64, truncation=True)  # leaves padding on the backend
-    assert batch_ids(tiny_tokenizer, ["Which organ?"]) == [tiny_tokenizer("Which organ?", add_special_tokens=False)["input_ids"]]
-    assert len(batch_ids(tiny_tokenizer, ["Which organ?"])[0]) < 64
+    backend = tiny_tokenizer.backend_tokenizer
+    try:
+        tiny_tokenizer("x", padding="max_length", max_length=64, truncation=True)  # leaves padding on
+        ids = batch_ids(tiny_tokenizer, ["Which organ?"])
+        assert ids == [tiny_tokenizer("Which organ?", add_special_tokens=False)["input_ids"]] and len(ids[0]) < 64
+    finally:  # the tokenizer fixture is shared by the whole session
+        backend.no_padding()
+        backend.no_truncation()
 
 
 def test_every_job_verifies_the_fast_path(tmp_path, tiny_tokenizer, monkeypatch):
