@@ -24,7 +24,7 @@ def parse_args(argv=None):
     # ---- data ----
     p.add_argument("--data", default="data/sample", help="PMC-VQA CSV file or folder (default: bundled sample)")
     p.add_argument("--n", type=int, default=10, help="rows to preprocess per split")
-    p.add_argument("--show", type=int, default=3, help="rows to print with their mask")
+    p.add_argument("--show", type=int, default=10, help="rows to print with their mask")
     # ---- tokenizer ----
     p.add_argument("--tokenizer", default="tiny", help="hub id, local folder, or 'tiny' (embedded, offline)")
     # ---- prompt ----
