@@ -9,7 +9,8 @@ Two ways to get a multiple-choice prediction:
   exact training format (`prompts.candidate_contents`, target tokens built like
   `chat.encode_conversation`: content minus the prompt's `<think>\\n`, + EOS) is scored by the sum of
   its token log-probabilities after the chat prompt, as lm-eval does; the byte-length-normalised
-  score is recorded too. The candidates of many questions go through one right-padded forward pass.
+  score is recorded too. Many questions are scored at once: their shared prompt + answer start runs once
+  per question, then the choices' differing suffixes run together from a copied KV cache.
 """
 from __future__ import annotations
 
@@ -158,40 +159,76 @@ def build_score_rows(encoder: PromptEncoder, items: Sequence[ScoreItem], letter_
     return out
 
 
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(map(len, seqs)) - 1  # every candidate keeps at least one token of its own
+    k = 0
+    while k < n and all(s[k] == seqs[0][k] for s in seqs):
+        k += 1
+    return k
+
+
 def _score_batch(model, pad_id: int, batch) -> list[ChoiceScores]:
-    """One forward pass over every candidate row of `batch` (questions x choices, right-padded)."""
+    """Score every candidate of `batch` (several questions) in two forward passes.
+
+    The candidates of a question share the prompt and the start of the target (`\n</think>\n\nAnswer: `),
+    so that shared prefix is run once per question (pass 1, left-padded, its KV cache kept); the cache is
+    then copied to one row per candidate and only the differing suffixes run (pass 2, right-padded).
+    Each candidate's score is the sum of the log-probs of all its target tokens, shared ones included,
+    exactly as one unpadded forward of `prompt + target` would give (tested against that reference).
+    """
     import torch
 
-    rows, spans = [], []
-    for prompt, _letters, targets, _ in batch:
-        for t in targets:
-            spans.append((len(prompt), len(t)))
-            rows.append(prompt + t)
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    # Only positions that predict a target token need logits: with a vocabulary of 128k, the full
-    # logits of a big batch would take gigabytes. Right padding puts targets of all rows inside one range.
-    first = min(p for p, _ in spans) - 1
-    keep = torch.arange(first, width - 1)
     device = next(model.parameters()).device
+    prefixes, lcps = [], []
+    for prompt, _letters, targets, _ in batch:
+        k = _common_prefix(targets)
+        lcps.append(k)
+        prefixes.append(prompt + targets[0][:k])
+    P = max(map(len, prefixes))
+    ids1 = torch.full((len(batch), P), pad_id, dtype=torch.long)
+    mask1 = torch.zeros((len(batch), P), dtype=torch.long)
+    for i, pre in enumerate(prefixes):
+        ids1[i, P - len(pre):] = torch.tensor(pre)
+        mask1[i, P - len(pre):] = 1
+    pos1 = (mask1.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens keep positions 0, 1, ...
+    keep1 = max(lcps) + 1  # logits of the shared target tokens + the one predicting each suffix's start
+    # pass 2 rows: one per candidate, right-padded suffixes
+    owner, suffixes = [], []
+    for qi, (_prompt, _letters, targets, _) in enumerate(batch):
+        for t in targets:
+            owner.append(qi)
+            suffixes.append(t[lcps[qi]:])
+    S = max(map(len, suffixes))
+    ids2 = torch.full((len(suffixes), S), pad_id, dtype=torch.long)
+    mask2 = torch.zeros((len(suffixes), S), dtype=torch.long)
+    for r, suf in enumerate(suffixes):
+        ids2[r, :len(suf)] = torch.tensor(suf)
+        mask2[r, :len(suf)] = 1
+    own = torch.tensor(owner)
+    lens1 = mask1.sum(-1)
+    pos2 = lens1[own, None] + torch.arange(S)[None, :]
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       logits_to_keep=keep.to(device)).logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1).cpu()
-    results, k = [], 0
-    for _prompt, letters, targets, nbytes in batch:
+        out1 = model(input_ids=ids1.to(device), attention_mask=mask1.to(device), position_ids=pos1.to(device),
+                     use_cache=True, logits_to_keep=keep1)
+        lp1 = torch.log_softmax(out1.logits.float(), dim=-1).cpu()       # [Q, keep1, V]
+        cache = getattr(out1, "cache", None) or out1.past_key_values  # transformers 5 renamed it
+        cache.reorder_cache(own.to(device))                              # one cache row per candidate
+        out2 = model(input_ids=ids2.to(device), cache=cache, position_ids=pos2.to(device),
+                     attention_mask=torch.cat([mask1[own], mask2], dim=1).to(device), use_cache=False)
+        lp2 = torch.log_softmax(out2.logits.float(), dim=-1).cpu()       # [rows, S, V]
+    results, r = [], 0
+    for qi, (_prompt, letters, targets, nbytes) in enumerate(batch):
+        k = lcps[qi]
+        shared_tok = torch.tensor(targets[0][:k], dtype=torch.long)
+        shared = lp1[qi, keep1 - 1 - k + torch.arange(k), shared_tok].sum().item() if k else 0.0
         sums, norms, ntok = [], [], []
         for t, nb in zip(targets, nbytes):
-            p_len, t_len = spans[k]
-            pos = torch.arange(p_len - 1, p_len - 1 + t_len) - first   # logits at i predict token i+1
-            tok = ids[k, p_len:p_len + t_len]
-            s = logprobs[k, pos, tok].sum().item()
-            sums.append(s), norms.append(s / nb), ntok.append(t_len)
-            k += 1
+            suf = suffixes[r]
+            s = shared + lp1[qi, keep1 - 1, suf[0]].item()
+            if len(suf) > 1:
+                s += lp2[r, torch.arange(len(suf) - 1), torch.tensor(suf[1:])].sum().item()
+            sums.append(s), norms.append(s / nb), ntok.append(len(t))
+            r += 1
         results.append(ChoiceScores(letters, sums, norms, ntok))
     return results
 

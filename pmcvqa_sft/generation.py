@@ -62,7 +62,9 @@ def _generation_config(model, tokenizer, settings: GenerationSettings):
     if settings.do_sample:
         gc.temperature, gc.top_p = settings.temperature, settings.top_p
     else:
-        gc.temperature, gc.top_p, gc.top_k = None, None, None
+        # Neutral values, not None: transformers 5 fills None from the model's config (0.6 / 0.95) and
+        # then warns that sampling flags are set while sampling is off.
+        gc.temperature, gc.top_p = 1.0, 1.0
     return gc
 
 

@@ -1,0 +1,124 @@
+"""Use a fine-tuned model: chat, demo, one question, evaluation, merging.
+
+Commands (offline, with the embedded tiny model; replace `tiny` / the adapter folder with your own):
+    python inference_example.py --adapter outputs/tiny-sft --demo
+    python inference_example.py --adapter outputs/tiny-sft --interactive
+    python inference_example.py --adapter outputs/tiny-sft --greedy \\
+        --question "Which organ produces bile?" --choices "Kidney" "Spleen" "Liver" "Heart"
+    python inference_example.py --adapter outputs/tiny-sft --evaluate --dataset_dir data/processed/tiny \\
+        --compare_base --output_dir outputs/eval-tiny
+    python inference_example.py --adapter outputs/tiny-sft --merge_and_save outputs/tiny-merged
+    python inference_example.py --model outputs/tiny-merged --demo
+The real model: `--adapter outputs/r1-sft` (its base, deepseek-ai/DeepSeek-R1-Distill-Llama-8B, comes
+from the adapter config; 8-bit on CUDA by default). See docs/INFERENCE_AND_EVALUATION.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- model ----
+    p.add_argument("--model", default=None,
+                   help="base model: hub id, local folder (a merged model too) or 'tiny'; default: the "
+                        "adapter's base model, else deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
+    p.add_argument("--adapter", default=None,
+                   help="training output folder (adapter_config.json in it or in its adapter/ subfolder); "
+                        "its tokenizer and chat template are used")
+    p.add_argument("--quantization", choices=["8bit", "4bit", "none"], default=None,
+                   help="weight quantization (default: 8bit on CUDA, none elsewhere)")
+    # ---- what to do (one of) ----
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--interactive", action="store_true", help="chat in the terminal (streams tokens)")
+    mode.add_argument("--demo", action="store_true", help="answer the built-in medical questions")
+    mode.add_argument("--question", default=None, help="ask one question")
+    mode.add_argument("--evaluate", action="store_true", help="measure accuracy on a preprocessed split")
+    mode.add_argument("--merge_and_save", metavar="DIR", default=None,
+                      help="write base + adapter merged into DIR (reloads the base unquantized)")
+    # ---- single question ----
+    p.add_argument("--choices", nargs="+", default=None,
+                   help='choices of --question: "MRI" "CT" ... or "A: MRI" "B: CT" ... (at most 4)')
+    p.add_argument("--caption", default=None, help="figure caption to give with --question (PMC-VQA v2 style)")
+    p.add_argument("--json", action="store_true", help="print --question's result as JSON")
+    # ---- generation ----
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the model's generation_config, 0.6 for R1)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling (default: generation_config)")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="new-token limit (default 512; 96 for --evaluate --method generate)")
+    p.add_argument("--greedy", action="store_true", help="no sampling (deterministic output)")
+    p.add_argument("--hide_think", action="store_true", help="start the chat with the reasoning hidden")
+    # ---- evaluation ----
+    p.add_argument("--dataset_dir", default=None, help="preprocess_pmc_vqa_for_sft.py output folder")
+    p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    p.add_argument("--num_samples", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--batch_size", type=int, default=16, help="questions per forward pass (default: %(default)s)")
+    p.add_argument("--method", choices=["score", "generate"], default="score",
+                   help="score: log-likelihood of each choice (no generation); generate: greedy "
+                        "generation + answer extraction (default: %(default)s)")
+    p.add_argument("--letter_only", action="store_true",
+                   help="score only 'Answer: B' instead of 'Answer: B. <choice text>'")
+    p.add_argument("--compare_base", action="store_true",
+                   help="also evaluate the base model (adapter disabled) and show both side by side")
+    p.add_argument("--output_dir", default=None, help="write predictions.jsonl and metrics.json here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir / merge folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from pmcvqa_sft.errors import InputError
+    args = parse_args(argv)
+    if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save):
+        raise InputError("nothing to do: pass one of --interactive, --demo, --question, --evaluate, "
+                         "--merge_and_save (see --help)")
+    if args.choices and not args.question:
+        raise InputError("--choices needs --question")
+    if args.evaluate and not args.dataset_dir:
+        raise InputError("--evaluate needs --dataset_dir (a preprocess_pmc_vqa_for_sft.py output folder)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+
+    from pmcvqa_sft import inference
+    choices = inference.normalize_choices(args.choices) if args.choices else None  # fail before loading
+    if args.merge_and_save:
+        if not args.adapter:
+            raise InputError("--merge_and_save needs --adapter")
+        inference.merge_and_save(args.adapter, args.merge_and_save, model=args.model, overwrite=args.overwrite)
+        return 0
+
+    loaded = inference.load_for_inference(args.model, args.adapter, args.quantization)
+    if args.evaluate:
+        from pmcvqa_sft.evaluation import run_evaluation
+        run_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size, args.method,
+                       args.letter_only, args.max_new_tokens, args.output_dir, args.compare_base,
+                       args.overwrite)
+        return 0
+
+    from pmcvqa_sft import console
+    from pmcvqa_sft.generation import GenerationSettings
+    settings = GenerationSettings.from_model(loaded.model, args.temperature, args.top_p, args.max_new_tokens,
+                                             args.greedy)
+    if args.interactive:
+        return console.run_console(loaded.model, loaded.tokenizer, settings, loaded.system_prompt,
+                                   show_think=not args.hide_think)
+    if args.demo:
+        return console.run_demo(loaded.model, loaded.tokenizer, settings, loaded.system_prompt)
+    ans = inference.answer_question(args.question, choices, loaded.model, loaded.tokenizer,
+                                    caption=args.caption, system_prompt=loaded.system_prompt,
+                                    greedy=not settings.do_sample, temperature=args.temperature,
+                                    top_p=args.top_p, max_new_tokens=settings.max_new_tokens)
+    if args.json:
+        print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    if ans.reasoning:
+        print(f"reasoning: {ans.reasoning}")
+    print(f"answer: {ans.letter + '. ' if ans.letter else ''}{ans.answer or '(no parseable answer)'}")
+    print(f"({ans.n_tokens} tokens, {ans.seconds:.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    from pmcvqa_sft.errors import run_main
+    run_main(main)

@@ -1,0 +1,259 @@
+"""`--evaluate`: accuracy on a preprocessed split, by choice scoring (default) or by generation.
+
+- score: `answers.score_choices`, one forward pass per batch of questions, no generation. The
+  prediction is the choice with the highest summed log-probability; the byte-normalised variant
+  (lm-eval's acc_norm) is reported as `accuracy_norm`.
+- generate: greedy, batched, left-padded generation (`generation.generate_batch`), then
+  `answers.extract_answer`; answers it can't parse count as wrong and are reported as unparseable.
+Report: accuracy with its 95 % Wilson interval, the split's majority-letter baseline, per-letter accuracy,
+the confusion matrix, the unparseable rate, questions/s. `--compare_base` runs the same questions with
+the adapter disabled too. Outputs `predictions.jsonl` and `metrics.json`, written atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+from . import prompts
+from .answers import ScoreItem, extract_answer, score_choices
+from .chat import render_prompt, template_hash
+from .dataset_io import load_processed, row_choices
+from .errors import InputError
+from .generation import GenerationSettings, generate_batch
+
+NEED_COLUMNS = ("question", "choices", "answer_label")
+DEFAULT_EVAL_MAX_NEW_TOKENS = 96
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def load_eval_rows(dataset_dir, split: str = "test", num_samples: int | None = None):
+    """(rows as dicts, preprocess report) of one split; one-line errors for a bad dataset or split."""
+    dsd, report = load_processed(dataset_dir, need_columns=NEED_COLUMNS)
+    if split not in dsd:
+        raise InputError(f"dataset '{dataset_dir}' has no split '{split}' (it has {', '.join(dsd)})")
+    ds = dsd[split]
+    if len(ds) == 0:
+        raise InputError(f"split '{split}' of dataset '{dataset_dir}' is empty")
+    if num_samples is not None:
+        if num_samples < 1:
+            raise InputError(f"--num_samples must be at least 1, got {num_samples}")
+        ds = ds.select(range(min(num_samples, len(ds))))
+    keep = [c for c in ("question", "choices", "answer_label", "caption", "source_file", "source_row")
+            if c in ds.column_names]
+    rows = []
+    for i, r in enumerate(ds.select_columns(keep)):
+        choices = row_choices(r)
+        if r["answer_label"] not in choices:
+            raise InputError(f"dataset '{dataset_dir}' split '{split}' row {i}: answer_label "
+                             f"'{r['answer_label']}' is not one of its choices {list(choices)}")
+        rows.append({**r, "choices": choices, "index": i})
+    return rows, report
+
+
+def majority_baseline(rows: Sequence[dict]) -> dict:
+    counts = Counter(r["answer_label"] for r in rows)
+    letter, n = max(sorted(counts.items()), key=lambda kv: kv[1])
+    return {"letter": letter, "accuracy": n / len(rows), "gold_counts": dict(sorted(counts.items()))}
+
+
+def _user_text(row: dict, include_caption: bool = False) -> str:
+    caption = row.get("caption") if include_caption else None
+    return prompts.format_user_prompt(row["question"], row["choices"], caption or None)
+
+
+def predict_score(model, tokenizer, rows, batch_size=16, letter_only=False, system_prompt=None,
+                  progress=True, include_caption=False) -> list[dict]:
+    items = [ScoreItem(_user_text(r, include_caption), r["choices"]) for r in rows]
+    scores = score_choices(model, tokenizer, items, batch_size=batch_size, letter_only=letter_only,
+                           system_prompt=system_prompt, progress=progress)
+    return [{"pred": s.letter, "pred_norm": s.letter_norm,
+             "logprob": dict(zip(s.letters, [round(x, 4) for x in s.logprob])),
+             "logprob_norm": dict(zip(s.letters, [round(x, 5) for x in s.logprob_norm]))} for s in scores]
+
+
+def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAULT_EVAL_MAX_NEW_TOKENS,
+                     system_prompt=None, progress=True, include_caption=False) -> list[dict]:
+    from tqdm.auto import tqdm
+    msgs = [([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            + [{"role": "user", "content": _user_text(r, include_caption)}] for r in rows]
+    texts = [render_prompt(tokenizer, m) for m in msgs]
+    settings = GenerationSettings(do_sample=False, max_new_tokens=max_new_tokens)
+    order = sorted(range(len(rows)), key=lambda i: len(texts[i]))  # less left padding per batch
+    out: list[dict | None] = [None] * len(rows)
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        for i, g in zip(idx, generate_batch(model, tokenizer, [texts[i] for i in idx], settings)):
+            raw = prompts.THINK_OPEN + g.text if texts[i].endswith(prompts.THINK_OPEN) else g.text
+            ext = extract_answer(raw, rows[i]["choices"])
+            out[i] = {"pred": ext.letter, "output": g.text, "extraction": ext.method,
+                      "finished": g.finished, "new_tokens": len(g.token_ids)}
+    return out  # type: ignore[return-value]
+
+
+def compute_metrics(rows, preds, seconds: float, method: str) -> dict:
+    n = len(rows)
+    golds = [r["answer_label"] for r in rows]
+    correct = sum(p["pred"] == g for p, g in zip(preds, golds))
+    lo, hi = wilson_interval(correct, n)
+    letters = sorted(set(golds) | {p["pred"] for p in preds if p["pred"]})
+    per_letter, confusion = {}, {}
+    for letter in sorted(set(golds)):
+        idx = [i for i, g in enumerate(golds) if g == letter]
+        ok = sum(preds[i]["pred"] == letter for i in idx)
+        per_letter[letter] = {"n": len(idx), "correct": ok, "accuracy": ok / len(idx)}
+        row = Counter(preds[i]["pred"] or "none" for i in idx)
+        confusion[letter] = {k: row.get(k, 0) for k in letters + ["none"]}
+    unparseable = sum(p["pred"] is None for p in preds)
+    m = {"method": method, "n": n, "correct": correct, "accuracy": correct / n, "ci95": [lo, hi],
+         "unparseable": unparseable, "unparseable_rate": unparseable / n, "per_letter": per_letter,
+         "confusion": confusion, "pred_counts": dict(Counter(p["pred"] or "none" for p in preds)),
+         "seconds": seconds, "questions_per_s": n / seconds if seconds > 0 else None}
+    if method == "score":
+        m["accuracy_norm"] = sum(p["pred_norm"] == g for p, g in zip(preds, golds)) / n
+    return m
+
+
+def evaluate_model(model, tokenizer, rows, method="score", batch_size=16, letter_only=False,
+                   max_new_tokens=DEFAULT_EVAL_MAX_NEW_TOKENS, system_prompt=None, progress=True,
+                   include_caption=False):
+    """(predictions, metrics) of one model on `rows` (prompts built as the preprocessor built them)."""
+    if method not in ("score", "generate"):
+        raise InputError(f"unknown --method '{method}': choose score or generate")
+    if batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1, got {batch_size}")
+    start = time.perf_counter()
+    if method == "score":
+        preds = predict_score(model, tokenizer, rows, batch_size, letter_only, system_prompt, progress,
+                              include_caption)
+    else:
+        preds = predict_generate(model, tokenizer, rows, batch_size, max_new_tokens, system_prompt, progress,
+                                 include_caption)
+    seconds = time.perf_counter() - start
+    return preds, compute_metrics(rows, preds, seconds, method)
+
+
+def check_output_dir(output_dir, overwrite: bool) -> Path:
+    out = Path(output_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"output folder '{out}' exists; pass --overwrite to replace it")
+    return out
+
+
+def write_outputs(output_dir, records: Sequence[dict], metrics: dict, overwrite: bool = False) -> Path:
+    """predictions.jsonl + metrics.json into `output_dir`, via a temp folder renamed into place."""
+    out = check_output_dir(output_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_report(results: dict[str, dict], baseline: dict) -> str:
+    """A side-by-side table of one or more models' metrics (columns = models)."""
+    names = list(results)
+    w = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'metric':<26}" + "".join(f"{n:>{w}}" for n in names)]
+
+    def row(label, fn):
+        lines.append(f"{label:<26}" + "".join(f"{fn(results[n]):>{w}}" for n in names))
+
+    row("questions", lambda m: str(m["n"]))
+    row("accuracy", lambda m: _pct(m["accuracy"]))
+    row("  95% CI (Wilson)", lambda m: f"{100 * m['ci95'][0]:.1f}-{100 * m['ci95'][1]:.1f}")
+    if any("accuracy_norm" in m for m in results.values()):
+        row("accuracy (length-norm.)", lambda m: _pct(m.get("accuracy_norm")))
+    row("unparseable", lambda m: _pct(m["unparseable_rate"]))
+    for letter in sorted(baseline["gold_counts"]):
+        row(f"accuracy on gold {letter}", lambda m, L=letter: _pct(m["per_letter"].get(L, {}).get("accuracy")))
+    row("predicted letters", lambda m: " ".join(f"{k}{v}" for k, v in sorted(m["pred_counts"].items())))
+    row("questions/s", lambda m: f"{m['questions_per_s']:.1f}" if m["questions_per_s"] else "-")
+    lines.append(f"majority-letter baseline: always '{baseline['letter']}' = {_pct(baseline['accuracy'])} "
+                 f"(gold letters {baseline['gold_counts']})")
+    for n in names:
+        conf = results[n]["confusion"]
+        cols = list(next(iter(conf.values())))
+        lines.append(f"confusion ({n}; rows gold, columns predicted): " + "  ".join(
+            f"{g}:[" + " ".join(f"{c}={conf[g][c]}" for c in cols) + "]" for g in conf))
+    return "\n".join(lines)
+
+
+def dataset_prompt_settings(report: dict, fallback_system_prompt=None) -> tuple[str | None, bool]:
+    """(system prompt, include caption) the preprocessor used, so the evaluation prompt is the training one.
+
+    The report's args: system_prompt None = prompts.SYSTEM_PROMPT, "" = none; include_caption bool.
+    """
+    args = report.get("args") or {}
+    sp = args.get("system_prompt", None)
+    system_prompt = (fallback_system_prompt if sp is None else (sp or None))
+    return system_prompt, bool(args.get("include_caption", False))
+
+
+def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_size=16, method="score",
+                   letter_only=False, max_new_tokens=None, output_dir=None, compare_base=False,
+                   overwrite=False, log=print) -> dict:
+    """The whole --evaluate job on a loaded model; returns metrics.json's content."""
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)  # fail before the slow part
+    if compare_base and not loaded.has_adapter:
+        raise InputError("--compare_base needs --adapter (it compares the base model with the adapter)")
+    rows, report = load_eval_rows(dataset_dir, split, num_samples)
+    if report.get("template_hash") and report["template_hash"] != template_hash(loaded.tokenizer):
+        log("note: the dataset was preprocessed with another chat template; evaluation re-renders the "
+            "prompts with this model's template, so the numbers are still valid for this model")
+    system_prompt, include_caption = dataset_prompt_settings(report, loaded.system_prompt)
+    kw = dict(method=method, batch_size=batch_size, letter_only=letter_only, system_prompt=system_prompt,
+              max_new_tokens=max_new_tokens or DEFAULT_EVAL_MAX_NEW_TOKENS, include_caption=include_caption)
+    runs = [("base", loaded.model.disable_adapter), ("tuned", nullcontext)] if compare_base else \
+        [("tuned" if loaded.has_adapter else "model", nullcontext)]
+    results, preds = {}, {}
+    for name, ctx in runs:
+        log(f"evaluating {name}: {len(rows)} questions of split '{split}', method {method}")
+        with ctx():
+            preds[name], results[name] = evaluate_model(loaded.model, loaded.tokenizer, rows, **kw)
+    baseline = majority_baseline(rows)
+    print(format_report(results, baseline))
+    metrics = {**results, "majority_baseline": baseline, "split": split, "dataset_dir": str(dataset_dir),
+               "method": method, "letter_only": letter_only, "base_model": loaded.base,
+               "adapter": str(loaded.adapter_dir) if loaded.adapter_dir else None,
+               "quantization": loaded.quantization}
+    if output_dir is not None:
+        records = []
+        for i, r in enumerate(rows):
+            rec = {k: r.get(k) for k in ("index", "source_file", "source_row", "question", "choices")}
+            rec["gold"] = r["answer_label"]
+            for name in results:
+                rec[name] = {**preds[name][i], "correct": preds[name][i]["pred"] == r["answer_label"]}
+            records.append(rec)
+        write_outputs(output_dir, records, metrics, overwrite)
+        log(f"wrote {output_dir}/predictions.jsonl and metrics.json")
+    return metrics

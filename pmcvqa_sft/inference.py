@@ -1,0 +1,299 @@
+"""Loading a model for inference (base, base + LoRA adapter, or merged), `answer_question`, `merge_and_save`.
+
+- `--adapter DIR` is a training output folder: `adapter_config.json` is looked for in DIR, then in
+  DIR/adapter. Its base model is the adapter config's `base_model_name_or_path` unless `--model`
+  overrides it. The tokenizer and chat template come from the training output (adapter folder, then
+  the folder above it): the exact ones used in training.
+- Checks before loading weights, each a one-line InputError: the adapter's tokenizer must fit the
+  base's vocabulary, the adapter's LoRA shapes must fit the base's hidden size and layer count, and a
+  `--model` override must use the same chat template as the adapter's tokenizer.
+- Quantization default: 8-bit on CUDA (an 8B model then fits a 16 GB card), none elsewhere: on the CPU
+  bitsandbytes' 8-bit matmul works but is slower than fp32, and the tiny model doesn't need it.
+- `merge_and_save` reloads the base UNQUANTIZED (in its stored dtype) for the merge: adding LoRA deltas
+  to 8-bit weights would round them again (PEFT refuses or degrades), so the merged model is exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from . import modeling, prompts
+from .answers import answer_text_after_letter, extract_answer
+from .chat import render_prompt, template_hash
+from .errors import InputError
+from .generation import GenerationSettings, generate_batch
+
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_CARD = "run_card.json"
+
+
+def default_quantization() -> str:
+    import torch
+    return "8bit" if torch.cuda.is_available() else "none"
+
+
+def find_adapter_dir(path) -> Path:
+    """DIR or DIR/adapter, whichever holds adapter_config.json; one-line error otherwise."""
+    d = Path(path)
+    if not d.exists():
+        raise InputError(f"adapter folder '{path}' does not exist")
+    for cand in (d, d / "adapter"):
+        if (cand / ADAPTER_CONFIG).is_file():
+            return cand
+    raise InputError(f"'{path}' holds no {ADAPTER_CONFIG} (looked in it and in its adapter/ subfolder); "
+                     f"pass the output folder of train_sft_example.py")
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise InputError(f"file '{path}' is not valid JSON ({exc})") from None
+
+
+def training_files(adapter_dir: Path) -> tuple[Path | None, dict]:
+    """(folder holding the training tokenizer, run card) near an adapter folder."""
+    folders = [adapter_dir] + ([adapter_dir.parent] if adapter_dir.name == "adapter" else [])
+    tok_dir = next((f for f in folders if _has_tokenizer(f)), None)
+    card = next((_read_json(f / RUN_CARD) for f in folders if (f / RUN_CARD).is_file()), {})
+    return tok_dir, card
+
+
+def _lora_shapes(adapter_dir: Path) -> tuple[int | None, int]:
+    """(input width of the q_proj LoRA A matrices = base hidden size, number of layers touched)."""
+    import re
+
+    from safetensors import safe_open
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise InputError(f"adapter folder '{adapter_dir}' lacks adapter_model.safetensors")
+    hidden, layers = None, set()
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            m = re.search(r"layers\.(\d+)\.", key)
+            if m:
+                layers.add(int(m.group(1)))
+            if hidden is None and re.search(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_A\b", key):
+                hidden = f.get_slice(key).get_shape()[1]
+    return hidden, (max(layers) + 1 if layers else 0)
+
+
+def check_adapter_fits(adapter_dir: Path, base: str, tokenizer) -> None:
+    """One-line errors when the adapter (or its tokenizer) was trained for another base model."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(modeling.resolve_name(base))
+    except (OSError, ValueError) as exc:
+        raise modeling._hub_error("model", base, exc) from None
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise InputError(f"adapter '{adapter_dir}' does not match base model '{base}': its tokenizer has "
+                         f"{len(tokenizer)} tokens, the model's vocabulary {vocab}")
+    hidden, n_layers = _lora_shapes(adapter_dir)
+    base_hidden = getattr(cfg, "hidden_size", None)
+    if hidden is not None and base_hidden is not None and hidden != base_hidden:
+        raise InputError(f"adapter '{adapter_dir}' does not match base model '{base}': LoRA input width "
+                         f"{hidden}, model hidden size {base_hidden}")
+    base_layers = getattr(cfg, "num_hidden_layers", None)
+    if base_layers is not None and n_layers > base_layers:
+        raise InputError(f"adapter '{adapter_dir}' does not match base model '{base}': it adapts "
+                         f"{n_layers} layers, the model has {base_layers}")
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    base: str                       # the base model name/folder
+    adapter_dir: Path | None
+    quantization: str
+    system_prompt: str | None = None
+    card: dict = field(default_factory=dict)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_dir is not None
+
+
+def _base_and_tokenizer(model: str | None, adapter: str | None):
+    """(base name, tokenizer, adapter dir, run card) without loading weights; runs every check."""
+    if adapter is None:
+        name = model or modeling.DEFAULT_MODEL
+        return name, modeling.load_tokenizer(name), None, {}
+    adir = find_adapter_dir(adapter)
+    acfg = _read_json(adir / ADAPTER_CONFIG)
+    base = model or acfg.get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"'{adir / ADAPTER_CONFIG}' names no base model; pass --model")
+    tok_dir, card = training_files(adir)
+    tokenizer = modeling.load_tokenizer(str(tok_dir) if tok_dir else base)
+    if model is not None and tok_dir is not None:
+        try:
+            model_tok = modeling.load_tokenizer(model)
+        except InputError:
+            model_tok = None  # a weights-only folder: nothing to compare
+        if model_tok is not None and template_hash(model_tok) != template_hash(tokenizer):
+            raise InputError(f"adapter '{adapter}' was trained with another chat template than --model "
+                             f"'{model}' has (template hash {template_hash(tokenizer)[:12]} vs "
+                             f"{template_hash(model_tok)[:12]}); pass the adapter's own base model")
+    check_adapter_fits(adir, base, tokenizer)
+    return base, tokenizer, adir, card
+
+
+def _card_system_prompt(card: Mapping) -> str | None:
+    for d in (card, card.get("args") or {}, card.get("preprocess") or {}):
+        if isinstance(d, Mapping) and d.get("system_prompt"):
+            return d["system_prompt"]
+    return prompts.SYSTEM_PROMPT
+
+
+def load_for_inference(model: str | None = None, adapter: str | None = None, quantization: str | None = None,
+                       device_map=None, log=print) -> Loaded:
+    """Base (`model`), base + adapter, or a merged folder (`model`), ready for generation and scoring."""
+    quantization = modeling.check_quantization(quantization or default_quantization())
+    base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
+    log(f"loading {base} ({'no quantization' if quantization == 'none' else quantization})"
+        + (f" + adapter {adir}" if adir else ""))
+    net = modeling.load_model(base, quantization=quantization, device_map=device_map)
+    if adir is not None:
+        from peft import PeftModel
+        try:
+            net = PeftModel.from_pretrained(net, str(adir))
+        except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches surface here
+            raise InputError(f"adapter '{adir}' does not fit base model '{base}': "
+                             f"{' '.join(str(exc).split())[:200]}") from None
+    net.eval()
+    return Loaded(net, tokenizer, base, adir, quantization, _card_system_prompt(card), card)
+
+
+# ---------------------------------------------------------------------------------------------------
+# answer_question
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    letter: str | None      # the chosen letter (None: open question or unparseable)
+    answer: str             # the answer text (choice text, or the open answer)
+    reasoning: str          # the think block's content
+    raw: str                # the whole generated assistant turn
+    n_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_CACHE: dict = {}
+
+
+def _resolve_model(model, tokenizer, adapter, quantization):
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= together with a loaded model")
+        return model, tokenizer, prompts.SYSTEM_PROMPT
+    key = (str(model) if model else None, str(adapter) if adapter else None, quantization)
+    if key not in _CACHE:
+        if key[0] is None and key[1] is None:
+            raise ValueError("answer_question needs model= (a loaded model, a name or a folder) or adapter=")
+        _CACHE[key] = load_for_inference(key[0], key[1], quantization, log=lambda *_: None)
+    loaded = _CACHE[key]
+    return loaded.model, tokenizer or loaded.tokenizer, loaded.system_prompt
+
+
+def normalize_choices(choices) -> dict[str, str] | None:
+    if choices is None or isinstance(choices, Mapping):
+        return dict(choices) if choices else None
+    try:
+        return prompts.split_choices_arg(list(choices))
+    except ValueError as exc:
+        raise InputError(f"--choices: {exc}") from None
+
+
+def build_messages(question: str, choices: Mapping[str, str] | None, caption: str | None = None,
+                   system_prompt: str | None = prompts.SYSTEM_PROMPT) -> list[dict]:
+    return prompts.create_conversation(question, choices or {}, caption=caption, system_prompt=system_prompt)
+
+
+def parse_reply(raw: str, choices: Mapping[str, str] | None) -> tuple[str | None, str, str]:
+    """(letter, answer text, reasoning) of a generated assistant turn."""
+    ext = extract_answer(raw, choices or {"A": "", "B": "", "C": "", "D": ""})
+    if not choices:
+        return None, ext.answer_text, ext.reasoning
+    text = answer_text_after_letter(ext.answer_text, ext.letter, choices) if ext.letter else ext.answer_text
+    return ext.letter, text, ext.reasoning
+
+
+def answer_question(question: str, choices: Mapping[str, str] | Sequence[str] | None = None, model=None,
+                    tokenizer=None, *, adapter: str | None = None, caption: str | None = None,
+                    system_prompt: str | None = None, greedy: bool = False, temperature: float | None = None,
+                    top_p: float | None = None, max_new_tokens: int | None = None,
+                    quantization: str | None = None) -> Answer:
+    """Ask one question. `model` is a loaded model (with `tokenizer`) or a name/folder; `adapter` a
+    training output folder. `choices`: {"A": "MRI", ...} or ["MRI", "CT", ...]. Sampling follows the
+    model's generation_config unless `greedy` / `temperature` / `top_p` say otherwise."""
+    net, tok, card_prompt = _resolve_model(model, tokenizer, adapter, quantization)
+    choices = normalize_choices(choices)
+    messages = build_messages(question, choices, caption, system_prompt or card_prompt)
+    settings = GenerationSettings.from_model(net, temperature, top_p, max_new_tokens, greedy)
+    prompt = render_prompt(tok, messages)
+    start = time.perf_counter()
+    gen = generate_batch(net, tok, [prompt], settings)[0]
+    raw = prompts.THINK_OPEN + gen.text if prompt.endswith(prompts.THINK_OPEN) else gen.text
+    letter, text, reasoning = parse_reply(raw, choices)
+    return Answer(letter, text, reasoning, raw, len(gen.token_ids), time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------------
+
+
+def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: bool = False, log=print) -> Path:
+    """Base + adapter merged into one standalone folder (weights + tokenizer) AutoModelForCausalLM loads."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"output folder '{out}' exists; pass --overwrite to replace it")
+    base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
+    log(f"merging: reloading base '{base}' UNQUANTIZED in its stored dtype (merging into 8-bit/4-bit "
+        f"weights would round the LoRA update away)")
+    net = AutoModelForCausalLM.from_pretrained(modeling.resolve_name(base), dtype="auto",
+                                               device_map={"": "cpu"})
+    try:
+        net = PeftModel.from_pretrained(net, str(adir))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise InputError(f"adapter '{adir}' does not fit base model '{base}': "
+                         f"{' '.join(str(exc).split())[:200]}") from None
+    with torch.no_grad():
+        merged = net.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "merge_card.json").write_text(json.dumps(
+            {"base_model": base, "adapter": str(adir), "dtype": str(next(merged.parameters()).dtype),
+             "template_hash": template_hash(tokenizer), "training_run_card": card}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"merged model written to {out} (load it with --model {out})")
+    return out

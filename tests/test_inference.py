@@ -1,0 +1,211 @@
+"""Inference and evaluation on the tiny model fine-tuned on the bundled sample (CPU).
+
+The adapter comes from `bench.bench_eval.train_quick_adapter` (plain PEFT loop, cached under artifacts/,
+so it is trained once per machine).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 400  # enough for the tiny model to answer the sample in the trained format
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_dir) -> Path:
+    from bench.bench_eval import train_quick_adapter
+    return train_quick_adapter(tiny_dir, STEPS)
+
+
+@pytest.fixture(scope="session")
+def loaded(adapter_dir):
+    from pmcvqa_sft.inference import load_for_inference
+    return load_for_inference(None, str(adapter_dir), "none", log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def eval_rows(processed_tiny):
+    from pmcvqa_sft.evaluation import load_eval_rows
+    rows, _ = load_eval_rows(processed_tiny, "test")
+    return rows
+
+
+def _cli(argv, capsys):
+    """inference_example.main in-process under run_main: (exit code, stdout, stderr)."""
+    import inference_example
+    from pmcvqa_sft.errors import run_main
+    capsys.readouterr()  # drop what earlier steps printed
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: inference_example.main(argv))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_score_and_generate_agree(loaded, eval_rows):
+    from pmcvqa_sft.evaluation import evaluate_model
+    m, t = loaded.model, loaded.tokenizer
+    ps, ms = evaluate_model(m, t, eval_rows, "score", batch_size=32, progress=False)
+    pg, mg = evaluate_model(m, t, eval_rows, "generate", batch_size=32, max_new_tokens=48, progress=False)
+    agree = sum(a["pred"] == b["pred"] for a, b in zip(ps, pg)) / len(eval_rows)
+    assert agree >= 0.99, (agree, ms["accuracy"], mg["accuracy"])
+    assert ms["accuracy"] > 0.6 and mg["unparseable_rate"] < 0.01  # the adapter learned the task
+    assert ms["ci95"][0] < ms["accuracy"] < ms["ci95"][1]
+
+
+def test_batched_greedy_generation_equals_unbatched(loaded, eval_rows):
+    from pmcvqa_sft.chat import render_prompt
+    from pmcvqa_sft.generation import GenerationSettings, generate_batch
+    from pmcvqa_sft.inference import build_messages
+    t = loaded.tokenizer
+    prompts = [render_prompt(t, build_messages(r["question"], r["choices"])) for r in eval_rows[:6]]
+    prompts.append(render_prompt(t, build_messages("What does a Prussian blue stain show?", None)))
+    lengths = {len(t(p, add_special_tokens=False)["input_ids"]) for p in prompts}
+    assert len(lengths) > 1  # really padded
+    s = GenerationSettings(do_sample=False, max_new_tokens=24)
+    batched = generate_batch(loaded.model, t, prompts, s)
+    for p, b in zip(prompts, batched):
+        assert generate_batch(loaded.model, t, [p], s)[0].token_ids == b.token_ids
+
+
+def test_answer_question_api(loaded, adapter_dir):
+    from pmcvqa_sft.inference import answer_question
+    q, ch = "Which organ produces bile?", ["Kidney", "Spleen", "Liver", "Heart"]
+    a = answer_question(q, ch, loaded.model, loaded.tokenizer, greedy=True, max_new_tokens=48)
+    assert a.letter == "C" and a.answer == "Liver"
+    assert a.raw.startswith("<think>") and "</think>" in a.raw and a.reasoning == ""
+    b = answer_question(q, {"A": "Liver", "B": "Heart"}, adapter=str(adapter_dir), greedy=True,
+                        quantization="none", max_new_tokens=48)  # loads by folder name
+    assert b.to_dict()["letter"] == "A"
+    o = answer_question("Which organ produces bile?", None, loaded.model, loaded.tokenizer, greedy=True,
+                        max_new_tokens=48)
+    assert o.letter is None and o.raw
+
+
+def test_adapter_in_subfolder_and_tokenizer_from_output(adapter_dir, tmp_path):
+    from pmcvqa_sft.chat import template_hash
+    from pmcvqa_sft.inference import _base_and_tokenizer
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    for f in adapter_dir.iterdir():
+        shutil.copy(f, (out / "adapter" if f.name.startswith("adapter_") else out) / f.name)
+    base, tok, adir, card = _base_and_tokenizer(None, str(out))
+    assert adir == out / "adapter" and card["steps"] == STEPS
+    assert template_hash(tok) == card["template_hash"]
+
+
+def test_scripted_console_session(adapter_dir):
+    script = ("Which organ produces bile?\nWhich organ secretes insulin?\n/reset\n/think off\n"
+              "/temp 0\nWhich stain detects iron deposits?\n")
+    r = subprocess.run([sys.executable, "inference_example.py", "--adapter", str(adapter_dir), "--interactive",
+                        "--greedy", "--max_new_tokens", "40", "--quantization", "none"],
+                       input=script, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert out.count("assistant>") == 3 and "(conversation cleared)" in out and "(reasoning hidden)" in out
+    assert "bye" in out and "Traceback" not in r.stderr
+    first, last = out.split("(reasoning hidden)")
+    assert "<think>" in first and "</think>" in first      # shown by default
+    assert "<think>" not in last and "Answer:" in last     # hidden after /think off
+
+
+def test_compare_base_both_columns(adapter_dir, processed_tiny, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, stdout, err = _cli(["--adapter", str(adapter_dir), "--quantization", "none", "--evaluate",
+                              "--dataset_dir", str(processed_tiny), "--num_samples", "48", "--compare_base",
+                              "--batch_size", "24", "--output_dir", str(out)], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["base"]["accuracy"] <= 1 and 0 <= metrics["tuned"]["accuracy"] <= 1
+    assert metrics["tuned"]["accuracy"] > metrics["base"]["accuracy"]
+    assert "base" in stdout and "tuned" in stdout and "majority-letter baseline" in stdout
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 48 and {"base", "tuned", "gold"} <= set(preds[0])
+    code, _, err = _cli(["--adapter", str(adapter_dir), "--quantization", "none", "--evaluate",
+                         "--dataset_dir", str(processed_tiny), "--output_dir", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err  # never overwrites silently
+
+
+def test_merged_model_matches_base_plus_adapter(loaded, adapter_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pmcvqa_sft.inference import merge_and_save
+    out = merge_and_save(str(adapter_dir), tmp_path / "merged", log=lambda *_: None)
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = loaded.tokenizer("<｜User｜>Which organ produces bile?<｜Assistant｜><think>\n",
+                           return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = loaded.model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+    assert (out / "tokenizer_config.json").exists()
+
+
+# ---- bad input: exit 2, one line on stderr, no traceback ----------------------------------------------
+
+def _model_variant(tiny_dir, dst, **overrides):
+    """A copy of the tiny model folder with another architecture size or another chat template."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    if "chat_template" in overrides:
+        tok.chat_template = overrides.pop("chat_template")
+    cfg = AutoConfig.from_pretrained(str(tiny_dir))
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def bad_datasets(tmp_path_factory):
+    from datasets import Dataset, DatasetDict
+    root = tmp_path_factory.mktemp("bad")
+    report = json.dumps({"args": {}, "splits": {}})
+    no_cols = root / "no_cols"
+    DatasetDict({"test": Dataset.from_dict({"foo": [1]})}).save_to_disk(str(no_cols))
+    (no_cols / "preprocess_report.json").write_text(report)
+    empty = root / "empty"
+    DatasetDict({"test": Dataset.from_dict({"question": [], "choices": [], "answer_label": []})}).save_to_disk(str(empty))
+    (empty / "preprocess_report.json").write_text(report)
+    return no_cols, empty
+
+
+def test_bad_inputs_one_line_errors(adapter_dir, tiny_dir, bad_datasets, tmp_path, capsys):
+    from pmcvqa_sft.chat import PLAIN_CHAT_TEMPLATE
+    no_cols, empty = bad_datasets
+    a = ["--adapter", str(adapter_dir), "--quantization", "none"]
+    cases = [
+        (["--adapter", str(tmp_path / "missing"), "--demo"], "does not exist"),
+        (["--adapter", str(tmp_path), "--demo"], "adapter_config.json"),
+        (["--model", str(_model_variant(tiny_dir, tmp_path / "h64", hidden_size=64, intermediate_size=128)),
+          *a, "--demo"], "hidden size"),
+        (["--model", str(_model_variant(tiny_dir, tmp_path / "v100", vocab_size=100)), *a, "--demo"],
+         "vocabulary"),
+        (["--model", str(_model_variant(tiny_dir, tmp_path / "tmpl", chat_template=PLAIN_CHAT_TEMPLATE)),
+          *a, "--demo"], "chat template"),
+        ([*a, "--evaluate", "--dataset_dir", str(no_cols)], "lacks columns"),
+        ([*a, "--evaluate", "--dataset_dir", str(empty)], "is empty"),
+        ([*a, "--evaluate", "--dataset_dir", str(empty), "--split", "train"], "no split"),
+        ([*a, "--question", "Which?", "--choices", "A", "B", "C", "D", "E"], "at most 4"),
+        ([*a, "--question", "Which?", "--choices", "MRI", ""], "empty"),
+        ([*a, "--choices", "MRI"], "needs --question"),
+        ([*a, "--merge_and_save", str(adapter_dir)], "--overwrite"),
+    ]
+    for argv, needle in cases:
+        code, _, err = _cli(argv, capsys)
+        assert code == 2, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (argv, err)
+        assert "Traceback" not in err
+
+
+def test_bad_input_through_the_real_cli():
+    r = subprocess.run([sys.executable, "inference_example.py", "--model", "tiny", "--question", "Which?",
+                        "--choices", "MRI", " "], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
