@@ -41,6 +41,11 @@ def simple_rows(n, q="Which organ produces bile?"):
     return [(f"{q} ({i})", ["A: Liver", " B:Heart ", "C:  Lung", "D:Kidney"], "ABCD"[i % 4]) for i in range(n)]
 
 
+def csv_rows(path) -> int:
+    import pandas as pd
+    return len(pd.read_csv(path, dtype=str, keep_default_na=False))
+
+
 def run(tmp_path, data, tok, name="out", **kw):
     out = tmp_path / name
     report = run_preprocess(data=str(data), tokenizer_name="tiny", output_dir=str(out), tokenizer=tok,
@@ -89,10 +94,12 @@ def test_report_fields_are_consistent(processed_tiny, tiny_tokenizer):
     report = json.loads((processed_tiny / REPORT_NAME).read_text())
     assert report["template_hash"] == chat.template_hash(tiny_tokenizer)
     assert report["vocab_size"] == len(tiny_tokenizer) and report["eos_token_id"] == tiny_tokenizer.eos_token_id
-    assert report["rows_read"] == 840 + 210
+    n_train, n_test = csv_rows(SAMPLE / "train.csv"), csv_rows(SAMPLE / "test.csv")
+    assert report["rows_read"] == n_train + n_test
     assert report["kept"] == sum(report["splits"].values())
     assert report["rows_read"] == report["kept"] + sum(report["skipped"].values()) + report["unused_by_max_samples"]
-    assert report["splits"]["validation"] == round(0.05 * 840) and report["splits"]["test"] == 210
+    n_kept_train = report["splits"]["train"] + report["splits"]["validation"]
+    assert report["splits"]["validation"] == round(0.05 * n_kept_train) and report["splits"]["test"] <= n_test
     for part in ("prompt", "target", "total"):
         s = report["token_lengths"][part]
         assert s["min"] <= s["p50"] <= s["p95"] <= s["max"] and s["min"] <= s["mean"] <= s["max"]
@@ -205,7 +212,7 @@ def test_val_size_parsing():
 def test_max_samples_counts_unused_rows(tmp_path, tiny_tokenizer):
     out, rep = run(tmp_path, SAMPLE, tiny_tokenizer, max_samples=10)
     assert rep["splits"] == {"train": 9, "validation": 1, "test": 10}
-    assert rep["unused_by_max_samples"] == 840 + 210 - 20
+    assert rep["unused_by_max_samples"] == csv_rows(SAMPLE / "train.csv") + csv_rows(SAMPLE / "test.csv") - 20
     assert rep["rows_read"] == rep["kept"] + sum(rep["skipped"].values()) + rep["unused_by_max_samples"]
 
 
