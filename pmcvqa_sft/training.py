@@ -202,9 +202,27 @@ def _trainer_class():
                 self.computed_tokens += mask.numel()
                 if rows is not None and self.seen_rows is not None:
                     self.seen_rows.extend(rows.tolist())
-            return super()._prepare_inputs(inputs)
+            return target_logits_only(super()._prepare_inputs(inputs))
 
     return SFTLoRATrainer
+
+
+def target_logits_only(inputs: dict) -> dict:
+    """Ask the model for logits only where some row of the batch has a target, not on the prompts.
+
+    The loss ignores prompt positions (-100) anyway; skipping them saves most of the lm_head matmul and
+    the (vocab x length) logits memory, large for a 128k vocabulary. `shift_labels` are the labels the
+    kept logits predict, so the loss (and its normalisation by `num_items_in_batch`) is unchanged.
+    """
+    import torch
+    labels = inputs.get("labels")
+    if labels is None or "logits_to_keep" in inputs:
+        return inputs
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = (shifted != -100).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0 or keep.numel() == labels.shape[1]:
+        return inputs
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
 
 
 def _callbacks():
