@@ -93,26 +93,48 @@ def check_bitsandbytes(quantization: str) -> None:
                          f"--quantization none") from None
 
 
-def quantization_config(quantization: str):
-    """BitsAndBytesConfig for 8bit / 4bit (NF4, double quant, compute in bf16 or fp32); None for none."""
+def sharded_training() -> bool:
+    """True under an accelerate FSDP or DeepSpeed ZeRO-3 launch (the weights get sharded across GPUs)."""
+    env = os.environ
+    return (env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+            or (env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+                and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"))
+
+
+def quantization_config(quantization: str, quant_storage=None):
+    """BitsAndBytesConfig for 8bit / 4bit (NF4, double quant, compute in bf16 or fp32); None for none.
+
+    `quant_storage`: the dtype 4-bit weights are packed in. FSDP / ZeRO-3 need it equal to the other
+    weights' dtype (bf16) to flatten quantized and plain weights together; the default uint8 otherwise.
+    """
     from transformers import BitsAndBytesConfig
     check_quantization(quantization)
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype())
+        extra = {"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype(), **extra)
     return None
 
 
-def load_model(name: str, quantization: str = "8bit", device_map=None):
-    """AutoModelForCausalLM for a hub id, folder or `tiny`, quantized as asked."""
+def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: bool = False):
+    """AutoModelForCausalLM for a hub id, folder or `tiny`, quantized as asked.
+
+    `sharded=True` (FSDP / ZeRO-3): no device_map (the launcher places the shards) and 4-bit weights
+    stored in the compute dtype; 8-bit weights cannot be sharded.
+    """
     from transformers import AutoModelForCausalLM
     check_quantization(quantization)
     check_bitsandbytes(quantization)
+    if sharded and quantization == "8bit":
+        raise InputError("8-bit bases cannot be sharded by FSDP / DeepSpeed ZeRO-3: pass --quantization 4bit "
+                         "(QLoRA) or none, or use configs/ddp.yaml")
     path = resolve_name(name)
-    kwargs = dict(dtype=compute_dtype(), device_map=device_map or device_map_for_process())
-    qc = quantization_config(quantization)
+    kwargs = dict(dtype=compute_dtype())
+    if not sharded:
+        kwargs["device_map"] = device_map or device_map_for_process()
+    qc = quantization_config(quantization, quant_storage=compute_dtype() if sharded else None)
     if qc is not None:
         kwargs["quantization_config"] = qc
     try:

@@ -158,11 +158,13 @@ def build_model(o: TrainOptions, tokenizer, log=print):
     """The base model (quantized as asked, on this process's device) wrapped with LoRA."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .modeling import device_map_for_process, load_model, lora_config
-    model = load_model(o.model, o.quantization, device_map=device_map_for_process())
+    from .modeling import device_map_for_process, load_model, lora_config, sharded_training
+    sharded = sharded_training()
+    model = load_model(o.model, o.quantization, device_map=device_map_for_process(), sharded=sharded)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     gc_kwargs = {"use_reentrant": False}
-    if o.quantization != "none":
+    # Sharded QLoRA skips the fp32 upcast: FSDP / ZeRO-3 need every weight in the one storage dtype.
+    if o.quantization != "none" and not sharded:
         # fp32 norms/head for stability and input grads for checkpointing through frozen int8/nf4 layers
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)

@@ -88,10 +88,16 @@ def test_bitsandbytes_unusable(base_argv, monkeypatch, capsys):
 
 
 def test_ddp_two_cpu_processes_see_disjoint_data(processed_tiny, tiny_dir, tmp_path):
-    """torchrun, 2 processes, gloo, 8-bit base: completes, one adapter, ranks trained on disjoint rows."""
+    """`accelerate launch` with configs/ddp_cpu.yaml: 2 processes, gloo, 8-bit base (bitsandbytes' CPU
+    backend works under DDP): completes, one adapter, the ranks trained on disjoint rows."""
     seen = tmp_path / "seen"
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+    import socket
+    with socket.socket() as sock:  # a free port, so parallel test runs don't collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "ddp_cpu.yaml"),
+           "--main_process_port", str(port), str(SCRIPT),
            "--model", str(tiny_dir), "--dataset_dir", str(processed_tiny), "--output_dir", str(out),
            "--quantization", "8bit", "--max_steps", "3", "--per_device_train_batch_size", "4",
            "--gradient_accumulation_steps", "1", "--eval_steps", "3", "--max_samples", "48",

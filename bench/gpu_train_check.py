@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""GPU check of the training step on an 8B-shaped model: peak memory and tokens/s, 8-bit / 4-bit / bf16.
+
+    python bench/gpu_train_check.py                         # on a GPU machine: ~6-8 min, bench/results/gpu_train.json
+    python bench/gpu_train_check.py --modes 8bit --steps 6  # one mode
+    python bench/gpu_train_check.py --dry_run               # CPU, scaled-down config: checks the plumbing in ~30 s
+
+Model: a Llama built from DeepSeek-R1-Distill-Llama-8B's config.json (`--config`, default
+../shared/fixtures/deepseek_r1_distill_llama_8b/config.json; the same numbers are built in when the file
+is absent: 32 layers, hidden 4096, 32/8 heads, intermediate 14336, vocabulary 128,256) with RANDOM
+weights: nothing is downloaded. They are initialised on the GPU in bf16, saved once as safetensors
+shards to a temp folder on local disk (`--workdir`, ~16 GB), and every mode loads them through the
+project's own path (`modeling.load_model` with its BitsAndBytesConfig), as a real run would.
+Each mode trains with the project's Trainer setup (`training.build_model`, `SFTCollator`, length grouping,
+target-only logits): LoRA r 16 / alpha 32 on all linear projections, gradient checkpointing on, rows of
+`--seq_len` (512) tokens whose last `--target_len` (64) tokens are trained, batch `--batch` (4).
+Reported per mode: peak allocated / reserved GPU memory during training, median step time after
+`--warmup` steps, tokens/s (all computed tokens, no padding here), load time. Goals (issue): 8-bit peak
+<= 20 GB and >= 3,000 tokens/s on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DEFAULT_CONFIG = ROOT.parent / "shared" / "fixtures" / "deepseek_r1_distill_llama_8b" / "config.json"
+# DeepSeek-R1-Distill-Llama-8B (docs/DESIGN facts), used when the config file isn't there (a bare GPU box)
+BUILTIN_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                  rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
+                  rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+DRY_RUN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=512, bos_token_id=1, eos_token_id=2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="8B-shaped LoRA training check: memory and tokens/s per quantization.")
+    # ---- model ----
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="config.json of the model shape to build")
+    p.add_argument("--modes", default="8bit,4bit,bf16", help="comma-separated: 8bit, 4bit, bf16")
+    p.add_argument("--dry_run", action="store_true",
+                   help="scaled-down config on the CPU (modes run as 8bit/4bit/none in fp32): tests the plumbing")
+    # ---- run ----
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per row")
+    p.add_argument("--target_len", type=int, default=64, help="trained tokens at the end of each row")
+    p.add_argument("--batch", type=int, default=4, help="rows per step")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per mode")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    # ---- output ----
+    p.add_argument("--workdir", default=None, help="folder for the random weights (default: a temp folder)")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default: bench/results/gpu_train.json; bench/_work/ for --dry_run)")
+    a = p.parse_args(argv)
+    if a.out is None:
+        a.out = str(ROOT / "bench" / ("_work/gpu_train_dry_run.json" if a.dry_run else "results/gpu_train.json"))
+    return a
+
+
+def model_config(a):
+    from transformers import LlamaConfig
+    if a.dry_run:
+        return LlamaConfig(**{**BUILTIN_8B, **DRY_RUN, "rope_scaling": None}), "dry-run (scaled down)"
+    path = Path(a.config)
+    if path.is_file():
+        return LlamaConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path)), str(path)
+    return LlamaConfig(**BUILTIN_8B), "built-in DeepSeek-R1-Distill-Llama-8B numbers"
+
+
+def write_random_weights(config, folder: Path, device: str) -> float:
+    """Random-init the model on `device` in the run's dtype and save it as safetensors shards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    t0 = time.perf_counter()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder, max_shard_size="4GB")
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return time.perf_counter() - t0
+
+
+def synthetic_dataset(a, vocab: int, rows: int):
+    """Rows of `seq_len` random ids; only the last `target_len` are trained (like a prompt + answer)."""
+    import random
+
+    from datasets import Dataset
+    rng = random.Random(0)
+    ids = [[rng.randrange(10, vocab) for _ in range(a.seq_len)] for _ in range(rows)]
+    labels = [[-100] * (a.seq_len - a.target_len) + r[-a.target_len:] for r in ids]
+    return Dataset.from_dict({"input_ids": ids, "labels": labels, "length": [a.seq_len] * rows,
+                              "source_row": list(range(rows))})
+
+
+def run_mode(a, mode: str, weights: Path, vocab: int, work: Path) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from pmcvqa_sft.collate import SFTCollator
+    from pmcvqa_sft.training import TrainOptions, _trainer_class, build_model, training_arguments
+    quant = {"bf16": "none"}.get(mode, mode)
+    o = TrainOptions(dataset_dir="-", model=str(weights), output_dir=str(work / f"out_{mode}"), quantization=quant,
+                     max_steps=a.steps, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+                     learning_rate=2e-4, warmup_steps=0, eval_steps=10 ** 6, logging_steps=1,
+                     report_to="none", progress=False, gradient_checkpointing=True)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, params = build_model(o, tokenizer=None, log=lambda *_: None)
+    load_s = time.perf_counter() - t0
+    after_load = torch.cuda.memory_allocated() if cuda else 0
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    ds = synthetic_dataset(a, vocab, rows=a.batch * a.steps)
+    trainer = _trainer_class()(model=model, args=training_arguments(o, has_eval=False), train_dataset=ds,
+                               data_collator=SFTCollator(pad_token_id=0), callbacks=[StepTimer()])
+    trainer.train()
+    timed = times[a.warmup:] or times
+    losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
+    step = statistics.median(timed)
+    gb = 1024 ** 3
+    res = dict(mode=mode, quantization=quant, load_s=round(load_s, 1), trainable_parameters=params,
+               median_step_s=round(step, 3), tokens_per_s=round(a.batch * a.seq_len / step, 1),
+               trained_tokens_per_s=round(a.batch * a.target_len / step, 1), steps_timed=len(timed),
+               loss_first_last=[losses[0], losses[-1]] if losses else [])
+    if cuda:
+        res.update(weights_gb=round(after_load / gb, 2), peak_allocated_gb=round(torch.cuda.max_memory_allocated() / gb, 2),
+                   peak_reserved_gb=round(torch.cuda.max_memory_reserved() / gb, 2))
+    del trainer, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import torch
+    cuda = torch.cuda.is_available()
+    if not cuda and not a.dry_run:
+        print("error: no CUDA GPU here; run on a GPU machine or pass --dry_run", file=sys.stderr)
+        return 2
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("8bit", "4bit", "bf16")]
+    if bad:
+        print(f"error: unknown mode(s) {bad}: choose from 8bit, 4bit, bf16", file=sys.stderr)
+        return 2
+    config, source = model_config(a)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="gpu_train_check_"))
+    weights = work / "random_8b"
+    results = {"config_source": source, "device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)",
+               "seq_len": a.seq_len, "target_len": a.target_len, "batch": a.batch, "steps": a.steps,
+               "gradient_checkpointing": True, "lora": "r16 alpha32 all-linear", "modes": []}
+    try:
+        if not (weights / "config.json").exists():
+            results["write_weights_s"] = round(write_random_weights(config, weights, "cuda" if cuda else "cpu"), 1)
+            print(f"random weights written to {weights} in {results['write_weights_s']} s", flush=True)
+        for mode in modes:
+            try:
+                res = run_mode(a, mode, weights, config.vocab_size, work)
+            except torch.OutOfMemoryError as exc:  # report it and go on with the next mode
+                res = dict(mode=mode, error=f"out of memory: {str(exc)[:200]}")
+            results["modes"].append(res)
+            print(json.dumps(res), flush=True)
+    finally:
+        if a.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    eight = next((r for r in results["modes"] if r.get("mode") == "8bit" and "error" not in r), None)
+    if eight and cuda:
+        results["goals"] = {"8bit_peak_le_20GB": eight["peak_allocated_gb"] <= 20,
+                            "8bit_tokens_per_s_ge_3000": eight["tokens_per_s"] >= 3000}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
+    print(f"{'mode':<6}{'peak GB':>9}{'tok/s':>9}{'step s':>8}")
+    for r in results["modes"]:
+        print(f"{r['mode']:<6}{r.get('peak_allocated_gb', float('nan')):>9.2f}{r.get('tokens_per_s', 0):>9.0f}"
+              f"{r.get('median_step_s', float('nan')):>8.3f}" if "error" not in r else f"{r['mode']:<6} {r['error']}")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
