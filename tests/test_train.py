@@ -69,6 +69,16 @@ def test_collator_masks_padding_by_position_and_trains_eos(processed_tiny, tiny_
         assert batch["labels"][i][batch["labels"][i] != -100].tolist() == trained
         assert tok.decode(trained[:-1]).strip().endswith(f"Answer: {f['answer_label']}. "
                                                           f"{f['choices'][f['answer_label']]}")
+    # what the model is given: logits kept only where a target is predicted, with the labels they predict
+    from pmcvqa_sft.training import target_logits_only
+    given = target_logits_only(batch)
+    keep, shift = given["logits_to_keep"], given["shift_labels"]
+    assert keep.numel() < width  # the prompt-only positions are skipped
+    for i, f in enumerate(feats):
+        n = len(f["input_ids"])
+        want = [lab for lab in f["labels"][1:] if lab != -100]  # every target token and the EOS, once
+        assert shift[i][shift[i] != -100].tolist() == want and want[-1] == tok.eos_token_id
+        assert keep[(shift[i] != -100).nonzero().flatten()[-1]].item() == n - 2  # EOS predicted from n-2
 
 
 def test_length_grouping_keeps_padding_small_and_is_seeded():
