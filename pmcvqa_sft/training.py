@@ -107,16 +107,17 @@ def resolve_resume(o: TrainOptions) -> str | None:
             raise InputError(f"--resume_from_checkpoint '{ckpt}' is not a Trainer checkpoint "
                              f"(no trainer_state.json); pass auto or a checkpoint-<step> folder")
         return str(ckpt)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output_dir '{out}' is a file, not a folder")
     busy = out.is_dir() and any(out.iterdir())
-    if o.resume_from_checkpoint == "auto":
+    if o.resume_from_checkpoint == "auto" and not (busy and not _is_run_folder(out)):
         return get_last_checkpoint(str(out)) if out.is_dir() else None
-    if busy and not o.overwrite:
-        raise InputError(f"output folder '{out}' already holds {'a training run' if _is_run_folder(out) else 'files'}; "
-                         f"pass --resume_from_checkpoint auto to continue it, --overwrite to replace it, "
-                         f"or another --output_dir")
     if busy and not _is_run_folder(out):
-        raise InputError(f"output folder '{out}' holds files that are not a training run; "
-                         f"refusing to delete them even with --overwrite: choose another --output_dir")
+        raise InputError(f"output folder '{out}' holds files that are not a training run; choose another "
+                         f"--output_dir (they are never deleted, even with --overwrite)")
+    if busy and not o.overwrite:
+        raise InputError(f"output folder '{out}' already holds a training run; pass --resume_from_checkpoint "
+                         f"auto to continue it, --overwrite to replace it, or another --output_dir")
     return None
 
 

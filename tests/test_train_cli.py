@@ -65,6 +65,7 @@ def test_output_folder_holding_another_run(base_argv, tmp_path, capsys):
     (other / "notes.txt").write_text("mine")
     argv = [*base_argv[:base_argv.index("--output_dir") + 1], str(other), *base_argv[base_argv.index("--output_dir") + 2:]]
     one_line_error(*run_main_in_process(argv + ["--overwrite"], capsys), "not a training run")
+    one_line_error(*run_main_in_process(argv + ["--resume_from_checkpoint", "auto"], capsys), "holds files")
     assert (other / "notes.txt").read_text() == "mine"
     one_line_error(*run_main_in_process(base_argv + ["--resume_from_checkpoint", str(tmp_path / "ck")], capsys),
                    "not a Trainer checkpoint")
