@@ -22,9 +22,15 @@ from pmcvqa_sft.errors import run_main
 from pmcvqa_sft.modeling import DEFAULT_MODEL
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse errors as one line on stderr, exit code 2 (not the multi-line usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- data ----
     p.add_argument("--dataset_dir", required=True,
                    help="a folder written by preprocess_pmc_vqa_for_sft.py (train + validation splits)")

@@ -42,6 +42,15 @@ def test_unknown_quantization_subprocess(base_argv):
     one_line_error(r.returncode, lines, "unknown quantization '3bit'", "8bit, 4bit, none")
 
 
+def test_argparse_errors_are_one_line(base_argv, capsys):
+    import train_sft_example
+    for argv in (["--model", "tiny"], [*base_argv, "--max_steps", "many"]):
+        with pytest.raises(SystemExit) as exc:
+            train_sft_example.main(argv)
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        one_line_error(exc.value.code, lines)
+
+
 def test_missing_or_foreign_dataset_folder(base_argv, tmp_path, capsys):
     argv = list(base_argv)
     i = argv.index("--dataset_dir") + 1
