@@ -70,11 +70,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from pmcvqa_sft.errors import InputError
     args = parse_args(argv)
+    if args.choices and not args.question:
+        raise InputError("--choices needs --question")
     if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save):
         raise InputError("nothing to do: pass one of --interactive, --demo, --question, --evaluate, "
                          "--merge_and_save (see --help)")
-    if args.choices and not args.question:
-        raise InputError("--choices needs --question")
     if args.evaluate and not args.dataset_dir:
         raise InputError("--evaluate needs --dataset_dir (a preprocess_pmc_vqa_for_sft.py output folder)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -88,13 +88,17 @@ def main(argv=None) -> int:
         inference.merge_and_save(args.adapter, args.merge_and_save, model=args.model, overwrite=args.overwrite)
         return 0
 
-    loaded = inference.load_for_inference(args.model, args.adapter, args.quantization)
-    if args.evaluate:
-        from pmcvqa_sft.evaluation import run_evaluation
-        run_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size, args.method,
-                       args.letter_only, args.max_new_tokens, args.output_dir, args.compare_base,
-                       args.overwrite)
+    if args.evaluate:  # check the dataset and the output folder before the slow model load
+        from pmcvqa_sft import evaluation
+        if args.output_dir:
+            evaluation.check_output_dir(args.output_dir, args.overwrite)
+        data = evaluation.load_eval_rows(args.dataset_dir, args.split, args.num_samples)
+        loaded = inference.load_for_inference(args.model, args.adapter, args.quantization)
+        evaluation.run_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size,
+                                  args.method, args.letter_only, args.max_new_tokens, args.output_dir,
+                                  args.compare_base, args.overwrite, data=data)
         return 0
+    loaded = inference.load_for_inference(args.model, args.adapter, args.quantization)
 
     from pmcvqa_sft import console
     from pmcvqa_sft.generation import GenerationSettings

@@ -42,17 +42,19 @@ def sample_rows(split: str = "test") -> list[dict]:
              "source_file": r.source_file, "source_row": r.source_row} for r in records]
 
 
-def _key(tiny_dir: Path, steps: int) -> str:
+def _key(tiny_dir: Path, *parts) -> str:
     stamp = (tiny_dir / "tiny_build.json").read_text() if (tiny_dir / "tiny_build.json").exists() else str(tiny_dir)
-    blob = json.dumps([QUICK_RECIPE, steps, stamp, (SAMPLE / "train.csv").read_text()], sort_keys=True)
+    blob = json.dumps([QUICK_RECIPE, stamp, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def train_quick_adapter(tiny_dir, steps: int = 400, out_dir=None, log=print) -> Path:
-    """A LoRA adapter on the tiny model trained on data/sample/train.csv (cached); returns its folder.
+def train_quick_adapter(tiny_dir, steps: int = 400, rows=None, lr: float | None = None, out_dir=None,
+                        log=print) -> Path:
+    """A LoRA adapter on the tiny model (cached); returns its folder.
 
-    The folder looks like a training output: adapter_config.json + adapter_model.safetensors, the
-    tokenizer with its chat template, run_card.json.
+    `rows` (question/choices/answer_label dicts) default to data/sample/train.csv. The folder looks like
+    a training output: adapter_config.json + adapter_model.safetensors, the tokenizer with its chat
+    template, run_card.json.
     """
     import random
 
@@ -64,17 +66,19 @@ def train_quick_adapter(tiny_dir, steps: int = 400, out_dir=None, log=print) -> 
     from pmcvqa_sft.chat import encode_conversation, template_hash
 
     tiny_dir = Path(tiny_dir)
-    out = Path(out_dir) if out_dir else CACHE / f"tiny-{steps}-{_key(tiny_dir, steps)}"
+    rows = rows if rows is not None else sample_rows("train")
+    lr = lr or QUICK_RECIPE["lr"]
+    out = Path(out_dir) if out_dir else CACHE / f"tiny-{steps}-{_key(tiny_dir, steps, lr, rows)}"
     if (out / "adapter_model.safetensors").exists():
         return out
     cfg = QUICK_RECIPE
     torch.manual_seed(cfg["seed"])
     tok = modeling.load_tokenizer(str(tiny_dir))
     rows = [encode_conversation(tok, prompts.create_conversation(r["question"], r["choices"], r["answer_label"]))
-            for r in sample_rows("train")]
+            for r in rows]
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
     model = get_peft_model(model, modeling.lora_config(r=cfg["r"], alpha=cfg["alpha"], dropout=0.0))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]))
     rng, order, t0 = random.Random(cfg["seed"]), [], time.perf_counter()
     model.train()
@@ -97,8 +101,8 @@ def train_quick_adapter(tiny_dir, steps: int = 400, out_dir=None, log=print) -> 
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "run_card.json").write_text(json.dumps(
-            {"base_model": str(tiny_dir), "steps": steps, "final_loss": loss.item(),
-             "template_hash": template_hash(tok), **cfg}, indent=2))
+            {"base_model": str(tiny_dir), "steps": steps, "final_loss": loss.item(), "rows": len(rows),
+             "template_hash": template_hash(tok), **cfg, "lr": lr}, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -220,13 +220,16 @@ def dataset_prompt_settings(report: dict, fallback_system_prompt=None) -> tuple[
 
 def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_size=16, method="score",
                    letter_only=False, max_new_tokens=None, output_dir=None, compare_base=False,
-                   overwrite=False, log=print) -> dict:
-    """The whole --evaluate job on a loaded model; returns metrics.json's content."""
+                   overwrite=False, data=None, log=print) -> dict:
+    """The whole --evaluate job on a loaded model; returns metrics.json's content.
+
+    `data`: (rows, report) from `load_eval_rows`, when the caller checked the dataset already.
+    """
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)  # fail before the slow part
     if compare_base and not loaded.has_adapter:
         raise InputError("--compare_base needs --adapter (it compares the base model with the adapter)")
-    rows, report = load_eval_rows(dataset_dir, split, num_samples)
+    rows, report = data or load_eval_rows(dataset_dir, split, num_samples)
     if report.get("template_hash") and report["template_hash"] != template_hash(loaded.tokenizer):
         log("note: the dataset was preprocessed with another chat template; evaluation re-renders the "
             "prompts with this model's template, so the numbers are still valid for this model")
