@@ -1,15 +1,15 @@
 """Use a fine-tuned model: chat, demo, one question, evaluation, merging.
 
 Commands (offline, with the embedded tiny model; replace `tiny` / the adapter folder with your own):
-    python inference_example.py --adapter outputs/tiny-sft --demo
-    python inference_example.py --adapter outputs/tiny-sft --interactive
-    python inference_example.py --adapter outputs/tiny-sft --greedy \\
+    python inference_example.py --adapter runs/demo/model --demo
+    python inference_example.py --adapter runs/demo/model --interactive
+    python inference_example.py --adapter runs/demo/model --greedy \\
         --question "Which organ produces bile?" --choices "Kidney" "Spleen" "Liver" "Heart"
-    python inference_example.py --adapter outputs/tiny-sft --evaluate --dataset_dir data/processed/tiny \\
-        --compare_base --output_dir outputs/eval-tiny
-    python inference_example.py --adapter outputs/tiny-sft --merge_and_save outputs/tiny-merged
-    python inference_example.py --model outputs/tiny-merged --demo
-The real model: `--adapter outputs/r1-sft` (its base, deepseek-ai/DeepSeek-R1-Distill-Llama-8B, comes
+    python inference_example.py --adapter runs/demo/model --evaluate --dataset_dir runs/demo/data \\
+        --compare_base --output_dir runs/demo/eval
+    python inference_example.py --adapter runs/demo/model --merge_and_save runs/demo/merged
+    python inference_example.py --model runs/demo/merged --demo
+The real model: `--adapter runs/r1-8b-lora` (its base, deepseek-ai/DeepSeek-R1-Distill-Llama-8B, comes
 from the adapter config; 8-bit on CUDA by default). See docs/INFERENCE_AND_EVALUATION.md.
 """
 from __future__ import annotations

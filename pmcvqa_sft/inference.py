@@ -153,7 +153,8 @@ def _base_and_tokenizer(model: str | None, adapter: str | None):
 
 
 def _card_system_prompt(card: Mapping) -> str | None:
-    for d in (card, card.get("args") or {}, card.get("preprocess") or {}):
+    pre = card.get("preprocess") or {}
+    for d in (card, card.get("args") or {}, pre, pre.get("args") or {} if isinstance(pre, Mapping) else {}):
         if isinstance(d, Mapping) and d.get("system_prompt"):
             return d["system_prompt"]
     return prompts.SYSTEM_PROMPT
