@@ -112,11 +112,16 @@ TRAIN_PHRASINGS = (
 )
 TEST_ONLY_PHRASING = "According to the image, which {category} {predicate}?"
 
+# The answer keeps its exact surface form (capital, leading space) in three of the four wordings, as in
+# the choices and the target `Answer: B. Magnetic resonance imaging`. A byte-level BPE gives
+# " Magnetic", "Magnetic" and " magnetic" different ids, and a tiny model does not transfer a fact
+# across them: with lower-cased answers the demo's tuned accuracy stalled near 39 %; with these, 99 %.
+# The predicate -> answer direction ("... is X") is the one the questions ask for.
 SENTENCE_WORDINGS = (
     "{answer} {predicate}.",
-    "The {category} that {predicate} is {lower}.",
-    "{answer} is the {category} that {predicate}.",
-    "In medicine, {lower} {predicate}.",
+    "The {category} that {predicate} is {answer}.",
+    "In medicine, {answer} {predicate}.",
+    "A {category} that {predicate}: {answer}.",
 )
 
 CAPTION_VIEWS = (
@@ -132,15 +137,9 @@ for _c, _a, _p in FACTS:
     CATEGORIES.setdefault(_c, []).append(_a)
 
 
-def _lower(answer: str) -> str:
-    # Lower-case a leading common word ('Liver' -> 'liver'); keep eponyms/abbreviated forms.
-    keep = ("Gram", "Ziehl", "Periodic", "Congo", "Prussian", "Masson")
-    return answer if answer.startswith(keep) else answer[0].lower() + answer[1:]
-
-
 def fact_sentence(fact, wording: str = SENTENCE_WORDINGS[0]) -> str:
     category, answer, predicate = fact
-    return wording.format(category=category, answer=answer, predicate=predicate, lower=_lower(answer))
+    return wording.format(category=category, answer=answer, predicate=predicate)
 
 
 def pretraining_sentences() -> list[str]:
