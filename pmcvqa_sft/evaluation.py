@@ -181,11 +181,10 @@ def _pct(x) -> str:
 def format_report(results: dict[str, dict], baseline: dict) -> str:
     """A side-by-side table of one or more models' metrics (columns = models)."""
     names = list(results)
-    w = max(14, *(len(n) + 2 for n in names))
-    lines = [f"{'metric':<26}" + "".join(f"{n:>{w}}" for n in names)]
+    table: list[tuple[str, list[str]]] = []
 
     def row(label, fn):
-        lines.append(f"{label:<26}" + "".join(f"{fn(results[n]):>{w}}" for n in names))
+        table.append((label, [fn(results[n]) for n in names]))
 
     row("questions", lambda m: str(m["n"]))
     row("accuracy", lambda m: _pct(m["accuracy"]))
@@ -197,6 +196,9 @@ def format_report(results: dict[str, dict], baseline: dict) -> str:
         row(f"accuracy on gold {letter}", lambda m, L=letter: _pct(m["per_letter"].get(L, {}).get("accuracy")))
     row("predicted letters", lambda m: " ".join(f"{k}{v}" for k, v in sorted(m["pred_counts"].items())))
     row("questions/s", lambda m: f"{m['questions_per_s']:.1f}" if m["questions_per_s"] else "-")
+    w = max(len(c) for _, cells in table for c in cells + names) + 3
+    lines = [f"{'metric':<26}" + "".join(f"{n:>{w}}" for n in names)]
+    lines += [f"{label:<26}" + "".join(f"{c:>{w}}" for c in cells) for label, cells in table]
     lines.append(f"majority-letter baseline: always '{baseline['letter']}' = {_pct(baseline['accuracy'])} "
                  f"(gold letters {baseline['gold_counts']})")
     for n in names:

@@ -76,6 +76,8 @@ def test_batched_scores_equal_unpadded_reference(tiny_dir, tiny_tokenizer):
 
     from pmcvqa_sft import prompts
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads stall each other on a busy 2-core machine (see test_inference)
     items = [ScoreItem(prompts.format_user_prompt("Which organ produces bile?", CH_SUB), CH_SUB),
              ScoreItem(prompts.format_user_prompt("Which imaging modality uses sound?", CH), CH),
              ScoreItem(prompts.format_user_prompt("Pick one", {"A": "yes", "B": "no"}), {"A": "yes", "B": "no"})]
@@ -85,3 +87,4 @@ def test_batched_scores_equal_unpadded_reference(tiny_dir, tiny_tokenizer):
             ref = reference_score(model, tiny_tokenizer, it.user_text, it.choices, letter_only=letter_only)
             assert res.letters == list(it.choices)
             assert res.logprob == pytest.approx(ref, abs=1e-3)
+    torch.set_num_threads(threads)

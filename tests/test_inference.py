@@ -8,7 +8,9 @@ reflect its choice scores; a model that knows the answers must make both methods
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,28 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, N_TRAIN, LR = 120, 16, 3e-3  # the smallest run that answers all 16 (score and generation: 100 %)
 
 
+# One torch thread: on a shared 2-core machine two threads stall each other on every small op
+# (measured: this file 150 s with 2 threads, 13 s with 1). Restored after this module.
+ENV_1T = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def one_thread():
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_module():
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def known_rows():
     from bench.bench_eval import sample_rows
@@ -29,7 +53,8 @@ def known_rows():
 @pytest.fixture(scope="session")
 def adapter_dir(tiny_dir, known_rows) -> Path:
     from bench.bench_eval import train_quick_adapter
-    return train_quick_adapter(tiny_dir, STEPS, rows=known_rows, lr=LR)
+    with one_thread():
+        return train_quick_adapter(tiny_dir, STEPS, rows=known_rows, lr=LR)
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +139,7 @@ def test_scripted_console_session(adapter_dir):
               "/temp 0\nWhich stain detects iron deposits?\n")
     r = subprocess.run([sys.executable, "inference_example.py", "--adapter", str(adapter_dir), "--interactive",
                         "--greedy", "--max_new_tokens", "40", "--quantization", "none"],
-                       input=script, capture_output=True, text=True, cwd=ROOT, timeout=120)
+                       input=script, capture_output=True, text=True, cwd=ROOT, timeout=120, env=ENV_1T)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert out.count("assistant>") == 3 and "(conversation cleared)" in out and "(reasoning hidden)" in out
@@ -218,5 +243,6 @@ def test_bad_inputs_one_line_errors(adapter_dir, tiny_dir, bad_datasets, tmp_pat
 
 def test_bad_input_through_the_real_cli():
     r = subprocess.run([sys.executable, "inference_example.py", "--model", "tiny", "--question", "Which?",
-                        "--choices", "MRI", " "], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                        "--choices", "MRI", " "], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=ENV_1T)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
