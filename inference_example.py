@@ -18,8 +18,15 @@ import argparse
 import json
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse errors as one line on stderr, exit code 2 (not the multi-line usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- model ----
     p.add_argument("--model", default=None,
                    help="base model: hub id, local folder (a merged model too) or 'tiny'; default: the "
