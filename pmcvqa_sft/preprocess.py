@@ -467,6 +467,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             "tokenizer": str(tokenizer_name),
             "tokenizer_path": str(getattr(tokenizer, "name_or_path", "")),
             "template_hash": chat.template_hash(tokenizer),
+            "tokenizer_hash": chat.tokenizer_hash(tokenizer),  # vocab + merges: training refuses another
             "chat_template": "plain (chat.PLAIN_CHAT_TEMPLATE)" if plain_template else "tokenizer's own",
             "system_prompt": sys_prompt, "reasoning": "brief" if reasoning else "none",
             "include_caption": bool(include_caption),

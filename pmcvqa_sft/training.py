@@ -122,11 +122,18 @@ def resolve_resume(o: TrainOptions) -> str | None:
 
 
 def check_dataset_matches(report: dict, tokenizer, dataset_dir, model_name) -> None:
-    """Refuse a dataset tokenized with another tokenizer or chat template than the model's."""
-    from .chat import template_hash
-    want = {"vocab_size": len(tokenizer), "template_hash": template_hash(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id}
-    bad = [f"{k} {report.get(k)} vs {v}" for k, v in want.items() if k in report and report[k] != v]
+    """Refuse a dataset tokenized with another tokenizer or chat template than the model's.
+
+    Compares what the report holds: reports written before `tokenizer_hash` existed are checked on the
+    other fields only.
+    """
+    from .chat import template_hash, tokenizer_hash
+    want = {"tokenizer_hash": tokenizer_hash, "vocab_size": len, "template_hash": template_hash,
+            "eos_token_id": lambda t: t.eos_token_id}
+    bad = []
+    for key, get in want.items():
+        if key in report and report[key] != (mine := get(tokenizer)):
+            bad.append(f"{key} {report[key]} vs {mine}")
     if bad:
         raise InputError(f"dataset '{dataset_dir}' was built with another tokenizer or chat template than "
                          f"model '{model_name}' (dataset vs model: {'; '.join(bad)}); rerun "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,7 @@ def test_sample_output_contract(processed_tiny, tiny_tokenizer):
 def test_report_fields_are_consistent(processed_tiny, tiny_tokenizer):
     report = json.loads((processed_tiny / REPORT_NAME).read_text())
     assert report["template_hash"] == chat.template_hash(tiny_tokenizer)
+    assert report["tokenizer_hash"] == chat.tokenizer_hash(tiny_tokenizer)
     assert report["vocab_size"] == len(tiny_tokenizer) and report["eos_token_id"] == tiny_tokenizer.eos_token_id
     n_train, n_test = csv_rows(SAMPLE / "train.csv"), csv_rows(SAMPLE / "test.csv")
     assert report["rows_read"] == n_train + n_test
@@ -108,6 +110,39 @@ def test_report_fields_are_consistent(processed_tiny, tiny_tokenizer):
         assert key in report
     examples = json.loads((processed_tiny / EXAMPLES_NAME).read_text())
     assert examples and all("⟦" in e["mask"] and len(e["input_ids"]) == len(e["labels"]) for e in examples)
+
+
+def test_tokenizer_hash_sees_merges_and_ids_not_runtime_state(tiny_dir, tiny_tokenizer, tmp_path):
+    from pmcvqa_sft.modeling import load_tokenizer
+    base = chat.tokenizer_hash(tiny_tokenizer)
+    assert len(base) == 64 and chat.tokenizer_hash(load_tokenizer(str(tiny_dir))) == base  # stable
+    tiny_tokenizer.padding_side = "left"  # run-time state is not part of it
+    try:
+        assert chat.tokenizer_hash(tiny_tokenizer) == base
+    finally:
+        tiny_tokenizer.padding_side = "right"
+    tj = json.loads((tiny_dir / "tokenizer.json").read_text())
+    for edit in ("merges", "ids"):
+        d = tmp_path / edit
+        shutil.copytree(tiny_dir, d)
+        t = json.loads(json.dumps(tj))
+        if edit == "merges":
+            m = t["model"]["merges"]
+            m[0], m[1] = m[1], m[0]
+        else:
+            v = t["model"]["vocab"]
+            a, b = [k for k, i in v.items() if i in (300, 301)]
+            v[a], v[b] = v[b], v[a]
+        (d / "tokenizer.json").write_text(json.dumps(t, ensure_ascii=False))
+        other = load_tokenizer(str(d))
+        assert len(other) == len(tiny_tokenizer) and chat.tokenizer_hash(other) != base, edit
+
+
+def test_tokenizer_hash_is_fast_on_the_real_vocabulary(real_tokenizer):
+    import time
+    t0 = time.perf_counter()
+    h = chat.tokenizer_hash(real_tokenizer)  # 128,256 tokens, 280k merges; measured ~0.1 s
+    assert time.perf_counter() - t0 < 0.5 and h == chat.tokenizer_hash(real_tokenizer)
 
 
 def test_size_bound_and_no_padding(processed_tiny):

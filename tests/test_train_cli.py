@@ -91,6 +91,50 @@ def test_dataset_built_with_another_tokenizer_is_refused(base_argv, processed_ti
     one_line_error(*run_main_in_process(argv, capsys), "another tokenizer or chat template", "vocab_size 128256")
 
 
+def _retrained_tokenizer_model(tiny_dir, dest):
+    """The tiny model whose tokenizer differs only in ids/merges: same size, template, specials, EOS."""
+    shutil.copytree(tiny_dir, dest)
+    tj = json.loads((dest / "tokenizer.json").read_text())
+    vocab, merges = tj["model"]["vocab"], tj["model"]["merges"]
+    # swap the ids of two ordinary merged tokens and the ranks of two merges: what a BPE retrained on
+    # other text does, invisible to vocab size, template hash and EOS id
+    a, b = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= 300][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    merges[0], merges[1] = merges[1], merges[0]
+    (dest / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    return dest
+
+
+def test_dataset_from_a_retrained_tokenizer_of_the_same_size_is_refused(base_argv, processed_tiny, tiny_dir,
+                                                                         tmp_path, capsys):
+    from pmcvqa_sft import chat
+    from pmcvqa_sft.modeling import load_tokenizer
+    other_model = _retrained_tokenizer_model(tiny_dir, tmp_path / "retrained")
+    mine, theirs = load_tokenizer(str(tiny_dir)), load_tokenizer(str(other_model))
+    assert len(mine) == len(theirs) and mine.eos_token_id == theirs.eos_token_id
+    assert chat.template_hash(mine) == chat.template_hash(theirs)
+    report = json.loads((processed_tiny / "preprocess_report.json").read_text())
+    want, got = report["tokenizer_hash"], chat.tokenizer_hash(theirs)
+    assert want == chat.tokenizer_hash(mine) != got
+    argv = list(base_argv)
+    argv[argv.index("--model") + 1] = str(other_model)
+    code, lines = run_main_in_process(argv, capsys)
+    one_line_error(code, lines, "another tokenizer", f"tokenizer_hash {want} vs {got}")
+    assert "vocab_size" not in lines[0] and "template_hash" not in lines[0]  # only the real difference
+
+
+def test_report_without_tokenizer_hash_is_checked_on_the_rest(processed_tiny, tiny_dir, tiny_tokenizer, tmp_path):
+    """Datasets preprocessed before the field existed still load with a matching model, and are still
+    refused on the fields they do hold."""
+    from pmcvqa_sft.errors import InputError
+    from pmcvqa_sft.training import check_dataset_matches
+    report = json.loads((processed_tiny / "preprocess_report.json").read_text())
+    del report["tokenizer_hash"]
+    check_dataset_matches(report, tiny_tokenizer, "d", "m")  # no error
+    with pytest.raises(InputError, match="eos_token_id 5 vs"):
+        check_dataset_matches({**report, "eos_token_id": 5}, tiny_tokenizer, "d", "m")
+
+
 def test_bitsandbytes_unusable(base_argv, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
     one_line_error(*run_main_in_process(base_argv + ["--quantization", "4bit"], capsys),
