@@ -204,15 +204,6 @@ def check_device() -> list[Check]:
     return rows
 
 
-def quiet_bitsandbytes() -> None:
-    """bitsandbytes logs (not warns) on import and on every CPU int8 call; none of it is a problem here."""
-    import logging
-    # "Failed to load CPU gemm_4bit_forward from kernels-community": an optional fast kernel; the
-    # fallback is what runs and what we test. "MatMul8bitLt: inputs will be cast": once per layer call.
-    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _quantized_layer(bits: int, weight, device):
     """A bitsandbytes Linear holding `weight`; moving it to `device` is what quantizes it."""
     import bitsandbytes as bnb
@@ -231,6 +222,7 @@ def _quantized_layer(bits: int, weight, device):
 def check_bnb_matmul(bits: int, bnb_spec: str = ">=0.45") -> list[Check]:
     """A real int8 / NF4 matmul on the device the run uses, compared with fp32."""
     import torch
+    from .modeling import quiet_bitsandbytes
     quiet_bitsandbytes()
     from .modeling import device_map_for_process
     name = f"bitsandbytes {bits}-bit"
@@ -389,6 +381,7 @@ def run_smoke(progress=lambda msg: None) -> list[Check]:
     import warnings
 
     from transformers.utils import logging as hf_logging
+    from .modeling import quiet_bitsandbytes
     quiet_bitsandbytes()
     hf_logging.disable_progress_bar()  # the weight-loading bar would break the table
     with warnings.catch_warnings():

@@ -18,15 +18,27 @@ OFFLINE_HINT = ("Offline? pass --model tiny (the embedded tiny model) or a local
 
 
 
-class _DropCastNotice(logging.Filter):
-    """bitsandbytes logs 'inputs will be cast ... to float16' on every int8 matmul of a non-fp16 input
-    (every step on the CPU, where we compute in fp32): expected, and it would drown the progress bars."""
+class _DropExpectedNotices(logging.Filter):
+    """Two bitsandbytes log lines that are expected and harmless, and would drown the progress bars:
+    - 'MatMul8bitLt: inputs will be cast ... to float16', on every int8 matmul of a non-fp16 input
+      (every step on the CPU, where we compute in fp32);
+    - 'Failed to load CPU gemm_4bit_forward from kernels-community', on import: an optional fast kernel
+      fetched from the hub; the built-in fallback is what runs and what the tests check."""
 
     def filter(self, record):
-        return "inputs will be cast" not in record.getMessage()
+        msg = record.getMessage()
+        return "inputs will be cast" not in msg and "kernels-community" not in msg
 
 
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
+def quiet_bitsandbytes() -> None:
+    """Install the filter (idempotent); done on import of this module, before bitsandbytes loads."""
+    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpectedNotices) for f in log.filters):
+            log.addFilter(_DropExpectedNotices())
+
+
+quiet_bitsandbytes()
 
 
 def resolve_name(name: str) -> str:
