@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     print_table(f"adapter trained on the sample ({adapter})", r)
     if args.known_n:
         known = sample_rows("test")[:args.known_n]
-        kadapter = str(train_quick_adapter(ensure_tiny(), 120, rows=known, lr=3e-3))
+        kadapter = str(train_quick_adapter(ensure_tiny(), 400, rows=known, lr=3e-3))
         kl = load_for_inference(args.model, kadapter, "none", log=lambda *_: None)
         r = bench(kl.model, kl.tokenizer, known, args.batch_size, args.max_new_tokens)
         report["known_answers_adapter"] = {"adapter": kadapter, **r}

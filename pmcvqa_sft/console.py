@@ -57,6 +57,8 @@ class ThinkFilter:
     def _emit(self, text: str) -> str:
         if self.inside and not self.show:
             return ""
+        if not self.show:
+            text = text.replace(CLOSE, "")  # a stray second </think> (weak models) is not content either
         if self.after_close and not self.show:
             text = text.lstrip("\n")  # the blank lines after a hidden </think>
             if text:
