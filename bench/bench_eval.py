@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     # ---- model ----
     p.add_argument("--adapter", default=None, help="training output folder (default: a quick LoRA on tiny)")
     p.add_argument("--model", default=None, help="base model override (default: the adapter's base)")
-    p.add_argument("--steps", type=int, default=700, help="quick-adapter training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=600, help="quick-adapter training steps (default: %(default)s)")
     p.add_argument("--known_n", type=int, default=16,
                    help="also bench an adapter trained until it answers the first N test questions "
                         "(the tests' adapter; 0 = skip) (default: %(default)s)")
