@@ -73,6 +73,19 @@ def _letters_of(pattern: re.Pattern, text: str) -> list[str]:
     return [next(g for g in m.groups() if g).upper() for m in pattern.finditer(text)]
 
 
+def _text_after_letter(answer: str, letter: str) -> str:
+    """`Answer: B. Magnetic resonance imaging` -> `Magnetic resonance imaging` (first line only)."""
+    m = re.search(rf"answer\s*(?:is)?\s*:?\s*\(?{letter}\)?\s*[\.\):]\s*([^\n]+)", answer, re.IGNORECASE)
+    return m.group(1).strip() if m else ""
+
+
+def _exact_choice(text: str, choices: Mapping[str, str]) -> str | None:
+    """The one choice whose whole text equals `text` (normalised), else None."""
+    t = _norm(text)
+    hits = [k for k, v in choices.items() if v and _norm(v) == t]
+    return hits[0] if len(hits) == 1 else None
+
+
 def _by_choice_text(answer: str, choices: Mapping[str, str]) -> str | None:
     """The one choice whose text the answer is (or contains); None when zero or several match."""
     a = _norm(answer)
@@ -99,7 +112,15 @@ def extract_answer(text: str, choices: Mapping[str, str] | None = None) -> Extra
         if not found:
             continue
         if name in ("boxed", "answer_line"):
-            return Extraction(found[-1], name, answer, reasoning)  # a restated final answer wins
+            letter = found[-1]  # a restated final answer wins
+            stated = _text_after_letter(answer, letter)
+            named = _exact_choice(stated, choices) if choices and stated else None
+            if named and named != letter:
+                # "Answer: C. <the text of choice B>": letter and text disagree. The whole text is the
+                # more specific statement (our target format writes both), so it decides; the
+                # evaluation report counts these conflicts ("letter_text_conflict").
+                return Extraction(named, "letter_text_conflict", answer, reasoning)
+            return Extraction(letter, name, answer, reasoning)
         markers = {x for x in _letters_of(_MARKER, answer) if x in valid}
         if len(set(found) | markers) == 1:
             return Extraction(found[0], name, answer, reasoning)

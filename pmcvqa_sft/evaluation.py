@@ -125,6 +125,8 @@ def compute_metrics(rows, preds, seconds: float, method: str) -> dict:
          "unparseable": unparseable, "unparseable_rate": unparseable / n, "per_letter": per_letter,
          "confusion": confusion, "pred_counts": dict(Counter(p["pred"] or "none" for p in preds)),
          "seconds": seconds, "questions_per_s": n / seconds if seconds > 0 else None}
+    if method == "generate":  # answers whose letter and choice text disagreed (the text decided)
+        m["letter_text_conflict"] = sum(p.get("extraction") == "letter_text_conflict" for p in preds)
     if method == "score":
         m["accuracy_norm"] = sum(p["pred_norm"] == g for p, g in zip(preds, golds)) / n
     return m
@@ -192,6 +194,8 @@ def format_report(results: dict[str, dict], baseline: dict) -> str:
     if any("accuracy_norm" in m for m in results.values()):
         row("accuracy (length-norm.)", lambda m: _pct(m.get("accuracy_norm")))
     row("unparseable", lambda m: _pct(m["unparseable_rate"]))
+    if any("letter_text_conflict" in m for m in results.values()):
+        row("letter/text conflicts", lambda m: str(m.get("letter_text_conflict", "-")))
     for letter in sorted(baseline["gold_counts"]):
         row(f"accuracy on gold {letter}", lambda m, L=letter: _pct(m["per_letter"].get(L, {}).get("accuracy")))
     row("predicted letters", lambda m: " ".join(f"{k}{v}" for k, v in sorted(m["pred_counts"].items())))

@@ -88,3 +88,15 @@ def test_batched_scores_equal_unpadded_reference(tiny_dir, tiny_tokenizer):
             assert res.letters == list(it.choices)
             assert res.logprob == pytest.approx(ref, abs=1e-3)
     torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("text, want, method", [
+    ("<think>\n\n</think>\n\nAnswer: C. Magnetic resonance imaging", "B", "letter_text_conflict"),
+    ("</think>\n\nAnswer: B. Magnetic resonance imaging", "B", "answer_line"),
+    ("</think>\n\nAnswer: A. something not offered", "A", "answer_line"),
+    ("</think>\n\nThe answer is (D). X-ray", "D", "answer_line"),
+])
+def test_letter_text_conflict_text_decides_and_is_named(text, want, method):
+    choices = {"A": "Ultrasound", "B": "Magnetic resonance imaging", "C": "CT", "D": "X-ray"}
+    got = extract_answer(text, choices)
+    assert (got.letter, got.method) == (want, method)
