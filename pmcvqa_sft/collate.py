@@ -80,12 +80,18 @@ def lengths_of(ds) -> list[int]:
     return ds.select_columns([LENGTH_COLUMN]).with_format("numpy")[:][LENGTH_COLUMN].tolist()
 
 
+MEGABATCH_MULT = 50  # rows sorted together = 50 x group_size (transformers' cap), whatever the data size
+
+
 class EpochLengthGroupedSampler(Sampler):
     """transformers' length grouping, but the shuffle depends only on (seed, epoch).
 
     Trainer's own `LengthGroupedSampler` for training draws from the global torch RNG, whose state when
     the dataloader is iterated differs between a fresh run and a resumed one; here `set_epoch` (called
     by Trainer/accelerate each epoch) picks the generator seed, so order is a pure function of the epoch.
+    The megabatch (the rows sorted by length together) is always 50 groups: transformers shrinks it to a
+    quarter of the data below 200 groups, which on 480 PMC-VQA-like rows (batch 8 x 2) left 11 % of the
+    computed tokens as padding instead of 3 %; from 3,200 rows on both are the same.
     """
 
     def __init__(self, lengths: Sequence[int], group_size: int, seed: int):
@@ -103,7 +109,7 @@ class EpochLengthGroupedSampler(Sampler):
     def __iter__(self):
         from transformers.trainer_pt_utils import get_length_grouped_indices
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=g))
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, MEGABATCH_MULT, generator=g))
 
 
 def real_token_share(lengths: Sequence[int], batch_size: int, order: Sequence[int] | None = None) -> float:
