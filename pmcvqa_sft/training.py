@@ -19,6 +19,7 @@ checkpoint is saved; PMCVQA_DEBUG_SEEN_ROWS=<dir> writes the source rows each ra
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -261,6 +262,9 @@ def training_arguments(o: TrainOptions, has_eval: bool):
         # transformers 5 takes the TensorBoard folder from the environment only
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(o.output_dir) / "tensorboard")
     warmup = o.warmup_steps if o.warmup_steps is not None else o.warmup_ratio
+    # later 5.x releases renamed gradient_checkpointing* to activation_checkpointing* (old names warn)
+    ckpt = ("activation_checkpointing" if "activation_checkpointing" in
+            inspect.signature(TrainingArguments.__init__).parameters else "gradient_checkpointing")
     return TrainingArguments(
         output_dir=o.output_dir, num_train_epochs=o.num_epochs, max_steps=o.max_steps,
         per_device_train_batch_size=o.per_device_train_batch_size,
@@ -273,8 +277,8 @@ def training_arguments(o: TrainOptions, has_eval: bool):
         load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None, prediction_loss_only=True,
         seed=o.seed, data_seed=o.seed, bf16=compute_dtype() == torch.bfloat16,
-        gradient_checkpointing=o.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if o.gradient_checkpointing else None,
+        **{ckpt: o.gradient_checkpointing,
+           f"{ckpt}_kwargs": {"use_reentrant": False} if o.gradient_checkpointing else None},
         remove_unused_columns=False, train_sampling_strategy="group_by_length",
         length_column_name=LENGTH_COLUMN, ddp_find_unused_parameters=False,
         report_to=[o.report_to] if o.report_to and o.report_to != "none" else "none",
