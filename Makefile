@@ -15,7 +15,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 .PHONY: setup test test-fast demo bench tiny clean help
 
 help:
-	@echo "make demo   - offline end-to-end run on the embedded tiny model (about 5 min on 2 cores)"
+	@echo "make demo   - offline end-to-end run on the embedded tiny model (about 2 min on 2 cores)"
 	@echo "make test   - run the test suite"
 	@echo "make bench  - run the benchmarks (bench/results/*.json, docs/BENCHMARKS.md)"
 	@echo "make setup  - create $(VENV) and install requirements.txt"

@@ -60,7 +60,7 @@ def check_row(tok, row, gen_tail, sys_prompt, reasoning, include_caption) -> dic
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pmcvqa_sft import chat, prompts
+    from pmcvqa_sft import chat
     from pmcvqa_sft.dataset_io import load_processed
     from pmcvqa_sft.modeling import load_tokenizer
     from pmcvqa_sft.preprocess import run_preprocess

@@ -21,14 +21,13 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pmcvqa_sft.atomic import atomic_dir, write_json  # noqa: E402
 SAMPLE = ROOT / "data" / "sample"
 CACHE = ROOT / "artifacts" / "quick-adapters"
 QUICK_RECIPE = dict(version=1, r=16, alpha=32, lr=1e-3, batch_size=16, warmup=20, seed=0)
@@ -95,19 +94,12 @@ def train_quick_adapter(tiny_dir, steps: int = 400, rows=None, lr: float | None 
         loss.backward()
         opt.step(), sched.step(), opt.zero_grad()
     log(f"quick LoRA: {steps} steps in {time.perf_counter() - t0:.0f} s, last loss {loss.item():.3f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "run_card.json").write_text(json.dumps(
             {"base_model": str(tiny_dir), "steps": steps, "final_loss": loss.item(), "rows": len(rows),
              "template_hash": template_hash(tok), **cfg, "lr": lr}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -207,11 +199,7 @@ def main(argv=None) -> int:
         r = bench(kl.model, kl.tokenizer, known, args.batch_size, args.max_new_tokens)
         report["known_answers_adapter"] = {"adapter": kadapter, **r}
         print_table(f"adapter that answers its {args.known_n} questions directly ({kadapter})", r)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    write_json(args.output, report)
     return 0
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pmcvqa_sft.atomic import write_json  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -264,11 +265,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    out = write_json(a.out, result)
     print(f"\n{'data':<13}{'trainer':<16}{'real tok/s':>11}{'computed':>10}{'real share':>11}{'seconds':>9}")
     for name, res in results.items():
         for who, r in (("ours", res["ours"]), ("TRL SFTTrainer", res["trl_sfttrainer"])):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pmcvqa_sft.atomic import write_json  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_CONFIG = ROOT.parent / "shared" / "fixtures" / "deepseek_r1_distill_llama_8b" / "config.json"
 # DeepSeek-R1-Distill-Llama-8B (docs/DESIGN facts), used when the config file isn't there (a bare GPU box)
@@ -194,11 +195,7 @@ def main(argv=None) -> int:
     if eight and cuda:
         results["goals"] = {"8bit_peak_le_20GB": eight["peak_allocated_gb"] <= 20,
                             "8bit_tokens_per_s_ge_3000": eight["tokens_per_s"] >= 3000}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    out = write_json(a.out, results)
     print(f"{'mode':<6}{'peak GB':>9}{'tok/s':>9}{'step s':>8}")
     for r in results["modes"]:
         print(f"{r['mode']:<6}{r.get('peak_allocated_gb', float('nan')):>9.2f}{r.get('tokens_per_s', 0):>9.0f}"

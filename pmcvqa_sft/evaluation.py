@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -26,6 +23,7 @@ from . import prompts
 from .answers import ScoreItem, extract_answer, score_choices
 from .chat import render_prompt, template_hash
 from .dataset_io import load_processed, row_choices
+from .atomic import atomic_dir
 from .errors import InputError
 from .generation import GenerationSettings, generate_batch
 
@@ -161,18 +159,11 @@ def check_output_dir(output_dir, overwrite: bool) -> Path:
 def write_outputs(output_dir, records: Sequence[dict], metrics: dict, overwrite: bool = False) -> Path:
     """predictions.jsonl + metrics.json into `output_dir`, via a temp folder renamed into place."""
     out = check_output_dir(output_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

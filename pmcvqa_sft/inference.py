@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Mapping, Sequence
 from . import modeling, prompts
 from .answers import answer_text_after_letter, extract_answer
 from .chat import render_prompt, template_hash
+from .atomic import atomic_dir
 from .errors import InputError
 from .generation import GenerationSettings, generate_batch
 
@@ -283,18 +282,11 @@ def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: b
                          f"{' '.join(str(exc).split())[:200]}") from None
     with torch.no_grad():
         merged = net.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge_card.json").write_text(json.dumps(
             {"base_model": base, "adapter": str(adir), "dtype": str(next(merged.parameters()).dtype),
              "template_hash": template_hash(tokenizer), "training_run_card": card}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"merged model written to {out} (load it with --model {out})")
     return out

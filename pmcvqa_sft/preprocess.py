@@ -28,6 +28,7 @@ from pathlib import Path
 from . import chat, prompts
 from .data import ReadStats, read_pmc_vqa_csv, resolve_data_files
 from .dataset_io import EXAMPLES_NAME, REPORT_NAME
+from .atomic import replace_dir
 from .errors import InputError
 
 MIN_QUESTION_TOKENS = 8     # a question cut shorter than this is useless: skip the row instead
@@ -101,16 +102,6 @@ def check_output_dir(output_dir, overwrite: bool) -> Path:
     if out.parent.exists() and not out.parent.is_dir():
         raise InputError(f"--output_dir '{out}': '{out.parent}' is a file, not a folder")
     return out
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 # ---------------------------------------------------------------- encoding
@@ -494,7 +485,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
         (tmp / EXAMPLES_NAME).write_text(json.dumps(examples, indent=2, ensure_ascii=False))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False))
         check_output_dir(output_dir, overwrite)  # someone may have created it meanwhile
-        _commit(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

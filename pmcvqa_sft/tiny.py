@@ -25,9 +25,9 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_dir
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -150,19 +150,11 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, overwrite: bool = False
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id, do_sample=True,
                                                temperature=0.6, top_p=0.95)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary shared folder
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "tiny_build.json").write_text(json.dumps(
             {"recipe": _recipe_key(), "pretrain_final_loss": final_loss, **PRETRAIN}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .collate import (LENGTH_COLUMN, ROW_ID_KEY, EpochLengthGroupedSampler, SFTCollator, add_length_column,
                       lengths_of)
+from .atomic import replace_dir, write_json
 from .errors import InputError
 
 ADAPTER_DIR = "adapter"
@@ -288,12 +289,6 @@ def training_arguments(o: TrainOptions, has_eval: bool):
 
 # ---- outputs ----
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def save_adapter(model, tokenizer, out: Path, base_name: str) -> Path:
     """adapter weights + config + tokenizer into `out/adapter`, via a temp folder and renames."""
     final = out / ADAPTER_DIR
@@ -305,16 +300,9 @@ def save_adapter(model, tokenizer, out: Path, base_name: str) -> Path:
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = base_name  # the id/folder actually trained on, for AutoPeft*
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        old = None
-        if final.exists():
-            old = out / f".{ADAPTER_DIR}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
         for f in [tmp, *tmp.iterdir()]:
             f.chmod(0o755 if f.is_dir() else 0o644)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -375,7 +363,7 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
         if o.overwrite and resume is None and out.is_dir() and o.resume_from_checkpoint is None:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(out / MARKER, dataclasses.asdict(o))
+        write_json(out / MARKER, dataclasses.asdict(o), default=str)
     state.wait_for_everyone()
 
     train_ds, eval_ds = prepare_datasets(dsd, o)
@@ -434,7 +422,7 @@ def run_training(o: TrainOptions, log=print) -> dict:
         from .plots import plot_loss_curve
         save_adapter(trainer.model, run.tokenizer, out, resolve_name(o.model))
         plot_loss_curve(history, out / LOSS_PNG, title=f"LoRA SFT of {o.model}")
-        _atomic_json(out / RUN_CARD, card)
+        write_json(out / RUN_CARD, card, default=str)
         log(f"adapter: {out / ADAPTER_DIR}; run card: {out / RUN_CARD}; loss curve: {out / LOSS_PNG}")
     state.wait_for_everyone()
     return card
