@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import hub
 from .errors import InputError, where
 
 LETTERS = ("A", "B", "C", "D")
@@ -364,17 +365,6 @@ _OFFLINE_HINT = ("Offline? pass --data data/sample (the bundled sample) or --dat
                  "(a folder with train.csv, test_clean.csv or train_2.csv, test_2.csv)")
 
 
-def _is_true(v) -> bool:
-    return str(v or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE is read by huggingface_hub at import; also honour it when set later."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or _is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(os.environ.get("TRANSFORMERS_OFFLINE"))
-
-
 def _hub_reason(exc: BaseException) -> str:
     """One short line: the exception type, plus its root cause (e.g. a DNS failure)."""
     first = lambda e: (str(e).strip().splitlines() or [""])[0][:160]  # noqa: E731
@@ -428,16 +418,19 @@ def _hub_files(repo_id: str, cache_dir, version: str, local_note: str) -> dict[s
                           f"{_OFFLINE_HINT}")
     from huggingface_hub import hf_hub_download
 
-    offline = _hub_offline()
+    offline = hub.offline()
+    local = offline or hub.unreachable_reason() is not None
     paths = []
     for fname in HUB_FILES[version]:
         try:
             # Offline: look in the local cache only, never on the network.
             p = hf_hub_download(repo_id, fname, repo_type="dataset", cache_dir=cache_dir,
-                                local_files_only=offline)
+                                local_files_only=local)
         except Exception as exc:  # any hub / network / cache error is the user's environment
             if offline:
                 raise fail(f"HF_HUB_OFFLINE is set and {fname} is not in the local cache") from None
+            if local:
+                raise fail(f"{hub.unreachable_reason()}, and {fname} is not in the local cache") from None
             raise fail(f"{fname}: {_hub_reason(exc)}") from None
         paths.append(Path(p))
     return {"train": [paths[0]], "test": [paths[1]]}

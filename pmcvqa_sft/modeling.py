@@ -13,8 +13,8 @@ from .errors import InputError
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
 QUANTIZATIONS = ("8bit", "4bit", "none")
-OFFLINE_HINT = ("Offline? pass --model tiny (the embedded tiny model) or a local folder with the "
-                "downloaded model (hf download deepseek-ai/DeepSeek-R1-Distill-Llama-8B --local-dir DIR)")
+OFFLINE_HINT = ("Offline? pass --model tiny / --tokenizer tiny (the embedded tiny model) or a local folder "
+                "with the downloaded model (hf download deepseek-ai/DeepSeek-R1-Distill-Llama-8B --local-dir DIR)")
 
 
 
@@ -46,10 +46,20 @@ def resolve_name(name: str) -> str:
     return tiny.resolve(name)
 
 
+def _hub_kwargs(path: str) -> dict:
+    """A hub id with no route to the hub (or offline mode) loads from the local cache only: a fast
+    failure with our hint instead of minutes of retries."""
+    from . import hub
+    return {} if Path(path).exists() or not hub.local_only() else {"local_files_only": True}
+
+
 def _hub_error(kind: str, name: str, exc: Exception) -> InputError:
+    from . import hub
     reason = " ".join(str(exc).split())[:300]
+    if not Path(name).exists() and not hub.offline() and hub.unreachable_reason():
+        reason = f"{hub.unreachable_reason()} and not in the local cache"
     local = Path(name).exists()
-    hint = "" if local else f" {OFFLINE_HINT.replace('--model', '--tokenizer') if kind == 'tokenizer' else OFFLINE_HINT}"
+    hint = "" if local else f" {OFFLINE_HINT}"
     return InputError(f"cannot load {kind} '{name}': {reason}.{hint}")
 
 
@@ -60,7 +70,7 @@ def load_tokenizer(name: str):
     from .chat import ensure_chat_template
     path = resolve_name(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **_hub_kwargs(path))
     except (OSError, ValueError) as exc:
         raise _hub_error("tokenizer", name, exc) from None
     if tok.pad_token_id is None:  # DeepSeek sets pad = EOS; do the same for tokenizers without one
@@ -150,7 +160,7 @@ def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: 
     if qc is not None:
         kwargs["quantization_config"] = qc
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs, **_hub_kwargs(path))
     except (OSError, ValueError) as exc:
         raise _hub_error("model", name, exc) from None
 

@@ -311,6 +311,10 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    # the tests below fake the hub's answers, so its reachability probe must say "reachable"
+    # (the unreachable path has its own test)
+    from pmcvqa_sft import hub
+    monkeypatch.setattr(hub, "unreachable_reason", lambda: None)
 
 
 @pytest.mark.parametrize("version", [None, "2"])
@@ -446,3 +450,17 @@ def test_sample_facts_and_texts():
     for r in recs:
         assert r.question in blob and r.caption in blob
         assert set(r.choices.values()) <= blob
+
+
+def test_unreachable_hub_fails_fast_with_the_offline_hint(tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE, no route to the hub: one quick error instead of ~23 s of retries."""
+    import time
+
+    from pmcvqa_sft import hub
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "unreachable_reason", lambda: "huggingface.co:443 unreachable (test)")
+    t = time.monotonic()
+    with pytest.raises(InputError, match="data/sample") as err:
+        resolve_data_files("xmcmic/PMC-VQA", cache_dir=tmp_path / "cache")
+    assert time.monotonic() - t < 5 and "unreachable" in str(err.value)

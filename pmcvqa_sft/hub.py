@@ -1,0 +1,44 @@
+"""Is the Hugging Face Hub usable right now? Answered in a few seconds, never after minutes of retries.
+
+huggingface_hub retries a failed request five times (about 23 s) and logs each retry, so without a
+network a plain download prints a screenful before failing. We check offline mode first, then open one
+TCP connection to the endpoint; when that fails, callers use the local cache only and, failing that,
+give a one-line error that names the offline alternatives.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from urllib.parse import urlparse
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def _is_true(v) -> bool:
+    return str(v or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, also when set after huggingface_hub was imported."""
+    from huggingface_hub import constants
+    return (bool(constants.HF_HUB_OFFLINE) or _is_true(os.environ.get("HF_HUB_OFFLINE"))
+            or _is_true(os.environ.get("TRANSFORMERS_OFFLINE")))
+
+
+@lru_cache(maxsize=1)
+def unreachable_reason() -> str | None:
+    """None when the hub endpoint accepts a TCP connection, else a short reason (cached per process)."""
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+        return None
+    except OSError as exc:
+        return f"{url.hostname}:{port} unreachable ({type(exc).__name__}: {exc})"
+
+
+def local_only() -> bool:
+    """True when downloads must come from the local cache: offline mode, or no route to the hub."""
+    return offline() or unreachable_reason() is not None
