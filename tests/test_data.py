@@ -250,7 +250,7 @@ def test_non_utf8_names_row(tmp_path):
     bad = b"f2.jpg,Bad \xe9 byte?,Red,A:Red,B:Blue,C:Green,D:Black,A\n"
     p = tmp_path / "latin1.csv"
     p.write_bytes(body + bad)
-    msg = raises(p, "not UTF-8", "row 2", f"byte offset {len(body) + 11}", "line 5")
+    raises(p, "not UTF-8", "row 2", f"byte offset {len(body) + 11}", "line 5")
 
 
 def test_ragged_rows(tmp_path):
