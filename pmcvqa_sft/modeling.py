@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from .errors import InputError
@@ -39,6 +40,10 @@ def quiet_bitsandbytes() -> None:
 
 
 quiet_bitsandbytes()
+# PEFT and Trainer still call the pre-rename `is_gradient_checkpointing` and
+# `gradient_checkpointing_enable` internally; the warning is
+# theirs to fix and says nothing to our users.
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning)
 
 
 def resolve_name(name: str) -> str:
