@@ -308,11 +308,6 @@ def check_ram() -> list[Check]:
 
 # ---- the hub ----
 
-def offline_vars() -> list[str]:
-    return [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-            if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
-
-
 def _with_deadline(fn, seconds: float):
     """fn() in a daemon thread; TimeoutError after `seconds` (DNS lookups ignore HTTP timeouts)."""
     box: dict = {}
@@ -335,6 +330,7 @@ def _with_deadline(fn, seconds: float):
 def check_hub(model_id: str) -> list[Check]:
     token_set = hub_token() is not None
     token_row = Check("hub token", PASS, "set" if token_set else "not set (only gated or private repos need one)")
+    from .hub import offline_vars
     offline = offline_vars()
     if offline:
         return [Check("hub", WARN, f"offline mode ({', '.join(v + '=1' for v in offline)}): not contacted",

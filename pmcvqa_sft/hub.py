@@ -15,15 +15,18 @@ from urllib.parse import urlparse
 PROBE_TIMEOUT_S = 3.0
 
 
-def _is_true(v) -> bool:
-    return str(v or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_vars() -> list[str]:
+    """The offline switches set in the environment now (huggingface_hub reads its own at import only)."""
+    return [v for v in OFFLINE_VARS if os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}]
 
 
 def offline() -> bool:
     """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, also when set after huggingface_hub was imported."""
     from huggingface_hub import constants
-    return (bool(constants.HF_HUB_OFFLINE) or _is_true(os.environ.get("HF_HUB_OFFLINE"))
-            or _is_true(os.environ.get("TRANSFORMERS_OFFLINE")))
+    return bool(constants.HF_HUB_OFFLINE) or bool(offline_vars())
 
 
 @lru_cache(maxsize=1)
