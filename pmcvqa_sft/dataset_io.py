@@ -49,7 +49,7 @@ def load_processed(dataset_dir, need_columns=TOKEN_COLUMNS):
     report = read_report(d)
     try:
         dsd = load_from_disk(str(d))
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (FileNotFoundError, ValueError, OSError, IndexError) as exc:  # IndexError: a 0-shard split
         raise InputError(f"'{dataset_dir}' is not a saved dataset ({' '.join(str(exc).split())[:200]})") from None
     for split, ds in dsd.items():
         missing = [c for c in need_columns if c not in ds.column_names]

@@ -484,3 +484,17 @@ def test_tokenizer_without_chat_template_gets_the_plain_format(tmp_path, tiny_to
     n = row["labels"].count(-100)
     assert tok.decode(row["input_ids"][:n]).endswith("\n\n### Response:\n")
     assert tok.decode(row["input_ids"][n:]).startswith("<think>\n\n</think>\n\nAnswer: ")
+
+
+def test_all_skipped_test_file_gives_no_test_split(tmp_path, tiny_tokenizer):
+    """A test file whose every row is skipped: no (unloadable, empty) `test` split, the skips counted."""
+    folder = tmp_path / "pmc"
+    folder.mkdir()
+    shutil.copy(ROOT / "data" / "sample" / "train.csv", folder / "train.csv")
+    (folder / "test.csv").write_text(
+        "Figure_path,Question,Answer,Choice A,Choice B,Choice C,Choice D,Answer_label\n"
+        "f.jpg,Only one choice?,Red,A:Red,,,,A\n")
+    out, report = run(tmp_path, folder, tiny_tokenizer)
+    assert "test" not in report["splits"] and report["skipped"] == {"fewer_than_2_choices": 1}
+    dsd, _ = load_processed(out)
+    assert "test" not in dsd and len(dsd["train"]) > 0
