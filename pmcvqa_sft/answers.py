@@ -48,13 +48,14 @@ def split_reasoning(text: str) -> tuple[str, str, bool]:
     return "", text.strip(), True
 
 
-_L = r"([A-D])"
+_L = r"((?-i:[A-D]))"  # upper case even under IGNORECASE: "the answer is a tumor" is not choice A
 _END = r"(?![A-Za-z0-9])"  # the letter stands alone: "B" but not "Both" or "B12"
 _RULES: list[tuple[str, re.Pattern]] = [
     ("boxed", re.compile(r"\\boxed\s*\{\s*(?:\\text\s*\{\s*)?\(?" + _L + _END)),
     ("answer_line", re.compile(
         r"answer\s*(?:is|:|=|-)?\s*(?:[:\-]\s*)?(?:\*\*|__)?\s*(?:option|choice)?\s*[\(\[\{]?\s*(?:\*\*)?"
-        + _L + _END, re.IGNORECASE)),
+        # a lower-case letter only when nothing follows it ("answer: c"), never "answer is a tumor"
+        + r"(?:" + _L + _END + r"|((?-i:[a-d]))(?=\s*(?:[\.\):,]|$)))", re.IGNORECASE | re.MULTILINE)),
     ("bold", re.compile(r"\*\*\s*\(?" + _L + r"\)?\s*[\.\):]?\s*" + _END)),
     ("paren", re.compile(r"[\(\[]\s*" + _L + r"\s*[\)\]]")),
     ("letter_start", re.compile(r"^\s*(?:[\"'`*_]\s*)*" + _L + r"\s*(?:[\.\):,]|$|\s+-\s)", re.MULTILINE)),

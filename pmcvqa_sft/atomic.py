@@ -47,3 +47,21 @@ def write_json(path, obj, **dump_kw) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, **dump_kw))
     os.replace(tmp, path)
     return path
+
+
+def check_output_dir(output_dir, overwrite: bool, marker: str, what: str, flag: str = "--output_dir") -> Path:
+    """Refuse an existing output without --overwrite; with it, replace only a folder this tool wrote
+    (one holding `marker`), never an unrelated one such as a training run or a home folder."""
+    from .errors import InputError
+    out = Path(output_dir).expanduser()
+    if out.exists():
+        if not overwrite:
+            raise InputError(f"output folder '{out}' exists; pass --overwrite to replace it")
+        if not out.is_dir():
+            raise InputError(f"output '{out}' is a file, not a folder; refusing to replace it")
+        if any(out.iterdir()) and not (out / marker).exists():
+            raise InputError(f"output folder '{out}' is not {what} (no {marker}); refusing to replace it, "
+                             f"choose another {flag}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InputError(f"{flag} '{out}': '{out.parent}' is a file, not a folder")
+    return out

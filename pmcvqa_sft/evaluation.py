@@ -23,6 +23,7 @@ from . import prompts
 from .answers import ScoreItem, extract_answer, score_choices
 from .chat import render_prompt, template_hash
 from .dataset_io import load_processed, row_choices
+from . import atomic
 from .atomic import atomic_dir
 from .errors import InputError
 from .generation import GenerationSettings, generate_batch
@@ -150,10 +151,8 @@ def evaluate_model(model, tokenizer, rows, method="score", batch_size=16, letter
 
 
 def check_output_dir(output_dir, overwrite: bool) -> Path:
-    out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"output folder '{out}' exists; pass --overwrite to replace it")
-    return out
+    # --overwrite replaces an earlier evaluation only: never, say, the training run beside it
+    return atomic.check_output_dir(output_dir, overwrite, "metrics.json", "an evaluation output")
 
 
 def write_outputs(output_dir, records: Sequence[dict], metrics: dict, overwrite: bool = False) -> Path:
@@ -210,8 +209,11 @@ def dataset_prompt_settings(report: dict, fallback_system_prompt=None) -> tuple[
     The report's args: system_prompt None = prompts.SYSTEM_PROMPT, "" = none; include_caption bool.
     """
     args = report.get("args") or {}
-    sp = args.get("system_prompt", None)
-    system_prompt = (fallback_system_prompt if sp is None else (sp or None))
+    if "system_prompt" in report:  # the value the preprocessor resolved and used (None = none)
+        system_prompt = report["system_prompt"] or None
+    else:
+        sp = args.get("system_prompt", None)
+        system_prompt = (fallback_system_prompt if sp is None else (sp or None))
     return system_prompt, bool(args.get("include_caption", False))
 
 

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 from . import modeling, prompts
 from .answers import answer_text_after_letter, extract_answer
 from .chat import render_prompt, template_hash
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_output_dir
 from .errors import InputError
 from .generation import GenerationSettings, generate_batch
 
@@ -152,7 +152,7 @@ def _base_and_tokenizer(model: str | None, adapter: str | None):
 
 
 def _card_system_prompt(card: Mapping) -> str | None:
-    pre = card.get("preprocess") or {}
+    pre = card.get("preprocess_report") or {}
     for d in (card, card.get("args") or {}, pre, pre.get("args") or {} if isinstance(pre, Mapping) else {}):
         if isinstance(d, Mapping) and d.get("system_prompt"):
             return d["system_prompt"]
@@ -267,9 +267,7 @@ def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: b
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"output folder '{out}' exists; pass --overwrite to replace it")
+    out = check_output_dir(out_dir, overwrite, "merge_card.json", "a merged model", "--merge_and_save")
     base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
     log(f"merging: reloading base '{base}' UNQUANTIZED in its stored dtype (merging into 8-bit/4-bit "
         f"weights would round the LoRA update away)")

@@ -28,6 +28,7 @@ from pathlib import Path
 from . import chat, prompts
 from .data import ReadStats, read_pmc_vqa_csv, resolve_data_files
 from .dataset_io import EXAMPLES_NAME, REPORT_NAME
+from . import atomic
 from .atomic import replace_dir
 from .errors import InputError
 
@@ -89,19 +90,8 @@ def _clean_stale(out: Path) -> None:
 
 
 def check_output_dir(output_dir, overwrite: bool) -> Path:
-    out = Path(output_dir).expanduser()
-    if out.exists():
-        if not overwrite:
-            raise InputError(f"output folder '{out}' exists; pass --overwrite to replace it")
-        if not out.is_dir():
-            raise InputError(f"output '{out}' is a file, not a folder; refusing to replace it")
-        if any(out.iterdir()) and not (out / REPORT_NAME).exists():
-            # --overwrite replaces earlier preprocessor output only, never an unrelated folder.
-            raise InputError(f"output folder '{out}' is not a preprocessor output (no {REPORT_NAME}); "
-                             f"refusing to replace it, choose another --output_dir")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise InputError(f"--output_dir '{out}': '{out.parent}' is a file, not a folder")
-    return out
+    # --overwrite replaces earlier preprocessor output only, never an unrelated folder.
+    return atomic.check_output_dir(output_dir, overwrite, REPORT_NAME, "a preprocessor output")
 
 
 # ---------------------------------------------------------------- encoding

@@ -100,3 +100,9 @@ def test_letter_text_conflict_text_decides_and_is_named(text, want, method):
     choices = {"A": "Ultrasound", "B": "Magnetic resonance imaging", "C": "CT", "D": "X-ray"}
     got = extract_answer(text, choices)
     assert (got.letter, got.method) == (want, method)
+
+
+def test_article_a_is_not_choice_a():
+    choices = {"A": "Malignant tumor", "B": "Benign tumor", "C": "Cyst", "D": "Abscess"}
+    got = extract_answer("</think>\n\nThe answer is a benign tumor (B).", choices)
+    assert got.letter == "B"

@@ -246,3 +246,18 @@ def test_bad_input_through_the_real_cli():
                         "--choices", "MRI", " "], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env=ENV_1T)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_overwrite_never_replaces_a_foreign_folder(tmp_path):
+    """--evaluate/--merge_and_save --overwrite replace only their own earlier output (not a training run)."""
+    from pmcvqa_sft import evaluation
+    from pmcvqa_sft.errors import InputError
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "run_card.json").write_text("{}")
+    with pytest.raises(InputError, match="not an evaluation output"):
+        evaluation.write_outputs(run, [], {"accuracy": 0.5}, overwrite=True)
+    assert (run / "run_card.json").exists()
+    out = evaluation.write_outputs(tmp_path / "eval", [], {"accuracy": 0.5})
+    evaluation.write_outputs(out, [], {"accuracy": 0.6}, overwrite=True)  # its own output: replaced
+    assert '"accuracy": 0.6' in (out / "metrics.json").read_text()
