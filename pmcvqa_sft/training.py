@@ -123,6 +123,26 @@ def resolve_resume(o: TrainOptions) -> str | None:
     return None
 
 
+# The options that fix which rows a step sees: a resume with any of them changed would skip the old
+# number of batches of a different order.
+DATA_ORDER_KEYS = ("dataset_dir", "max_samples", "seed", "per_device_train_batch_size",
+                   "gradient_accumulation_steps")
+
+
+def check_resume_options(o: TrainOptions, resume: str | None) -> None:
+    """Refuse to resume with options that change the data order (compared with the run's train_args.json)."""
+    saved_path = Path(o.output_dir) / MARKER
+    if resume is None or not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    now = dataclasses.asdict(o)
+    diff = [f"--{k} {saved.get(k)!r} -> {now[k]!r}" for k in DATA_ORDER_KEYS
+            if k in saved and str(saved[k]) != str(now[k])]
+    if diff:
+        raise InputError(f"cannot resume {resume} with a different data order ({'; '.join(diff)}); rerun with "
+                         f"the original values or start a new --output_dir")
+
+
 def check_dataset_matches(report: dict, tokenizer, dataset_dir, model_name) -> None:
     """Refuse a dataset tokenized with another tokenizer or chat template than the model's.
 
@@ -357,6 +377,7 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     # only forms a multi-process (gloo) group when told it runs on the CPU
     state = PartialState(cpu=_cpu_only())
     resume = resolve_resume(o)  # every rank checks before rank 0 touches the folder
+    check_resume_options(o, resume)
     state.wait_for_everyone()
     out = Path(o.output_dir)
     if state.is_main_process:

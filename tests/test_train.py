@@ -166,6 +166,10 @@ def test_end_to_end_outputs_and_exact_resume(processed_tiny, tiny_dir, tmp_path,
     assert not (tmp_path / "killed" / "run_card.json").exists()
     again = subprocess.run(args, env=script_env(), capture_output=True, text=True)
     assert again.returncode == 2 and "--resume_from_checkpoint auto" in again.stderr  # refuses to clobber
+    reseeded = subprocess.run(args + ["--resume_from_checkpoint", "auto", "--seed", "7"], env=script_env(),
+                              capture_output=True, text=True)  # another seed = another data order
+    assert reseeded.returncode == 2 and "different data order" in reseeded.stderr, reseeded.stderr[-2000:]
+    assert "Traceback" not in reseeded.stderr
     resumed = subprocess.run(args + ["--resume_from_checkpoint", "auto"], env=script_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
