@@ -17,12 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse errors as one line on stderr, exit code 2 (not the multi-line usage block)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+from pmcvqa_sft.errors import OneLineParser
 
 
 def parse_args(argv=None):

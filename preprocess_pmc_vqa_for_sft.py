@@ -21,12 +21,12 @@ import json
 import os
 
 from pmcvqa_sft.data import HUB_DATASET_ID
-from pmcvqa_sft.errors import run_main
+from pmcvqa_sft.errors import OneLineParser, run_main
 from pmcvqa_sft.modeling import DEFAULT_MODEL
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = OneLineParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- data ----
     p.add_argument("--data", default=HUB_DATASET_ID,

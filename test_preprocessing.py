@@ -11,16 +11,15 @@ Trained tokens are shown in ⟦…⟧ (green on a terminal). This is a user-faci
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-from pmcvqa_sft.errors import run_main
+from pmcvqa_sft.errors import OneLineParser, run_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Preprocess a few rows, show the mask, check the invariants.")
+    p = OneLineParser(description="Preprocess a few rows, show the mask, check the invariants.")
     # ---- data ----
     p.add_argument("--data", default="data/sample", help="PMC-VQA CSV file or folder (default: bundled sample)")
     p.add_argument("--n", type=int, default=10, help="rows to preprocess per split")

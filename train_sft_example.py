@@ -18,15 +18,8 @@ from __future__ import annotations
 
 import argparse
 
-from pmcvqa_sft.errors import run_main
+from pmcvqa_sft.errors import OneLineParser, run_main
 from pmcvqa_sft.modeling import DEFAULT_MODEL
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse errors as one line on stderr, exit code 2 (not the multi-line usage block)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,12 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pmcvqa_sft.errors import InputError, run_main
+from pmcvqa_sft.errors import InputError, OneLineParser, run_main
 
 
 def parse_args(argv=None):
     from pmcvqa_sft import environment as env
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = OneLineParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     # ---- what to check ----
     p.add_argument("--requirements", default=None,

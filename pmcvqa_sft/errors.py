@@ -6,8 +6,16 @@ line to stderr and exits with code 2. Bugs (any other exception) still show thei
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr with exit code 2, like every InputError."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 class InputError(Exception):
