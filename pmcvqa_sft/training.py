@@ -84,8 +84,13 @@ def validate_options(o: TrainOptions) -> None:
                  "logging_steps", "save_total_limit"):
         if getattr(o, name) < 1:
             raise InputError(f"--{name} must be at least 1 (got {getattr(o, name)})")
-    if o.save_steps is not None and o.save_steps < 1:
-        raise InputError(f"--save_steps must be at least 1 (got {o.save_steps})")
+    for name in ("save_steps", "max_samples", "max_eval_samples"):
+        if getattr(o, name) is not None and getattr(o, name) < 1:
+            raise InputError(f"--{name} must be at least 1 (got {getattr(o, name)})")
+    if not o.learning_rate > 0:
+        raise InputError(f"--learning_rate must be > 0 (got {o.learning_rate})")
+    if not 0 <= o.lora_dropout < 1:
+        raise InputError(f"--lora_dropout must be in [0, 1) (got {o.lora_dropout})")
     if o.max_steps <= 0 and o.num_epochs <= 0:
         raise InputError("give --num_epochs > 0 or --max_steps > 0")
     if o.save_steps is not None and o.save_steps % o.eval_steps:

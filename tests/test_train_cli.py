@@ -165,3 +165,12 @@ def test_ddp_two_cpu_processes_see_disjoint_data(processed_tiny, tiny_dir, tmp_p
     card = json.loads((out / "run_card.json").read_text())
     assert card["world_size"] == 2 and card["global_step"] == 3
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--max_samples", "0"], "--max_samples must be at least 1"),
+    (["--learning_rate", "0"], "--learning_rate must be > 0"),
+    (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+])
+def test_out_of_range_options_are_one_line_errors(base_argv, capsys, extra, needle):
+    one_line_error(*run_main_in_process([*base_argv, *extra], capsys), needle)
