@@ -229,6 +229,11 @@ def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_si
     if compare_base and not loaded.has_adapter:
         raise InputError("--compare_base needs --adapter (it compares the base model with the adapter)")
     rows, report = data or load_eval_rows(dataset_dir, split, num_samples)
+    if method == "score" and report.get("reasoning") == "brief":
+        # the model was trained to write a rationale before the answer; scoring the answer after an
+        # empty think block would measure a format it never saw
+        raise InputError(f"dataset '{dataset_dir}' was preprocessed with --reasoning brief: evaluate it with "
+                         f"--method generate (--method score assumes an empty think block)")
     if report.get("template_hash") and report["template_hash"] != template_hash(loaded.tokenizer):
         log("note: the dataset was preprocessed with another chat template; evaluation re-renders the "
             "prompts with this model's template, so the numbers are still valid for this model")

@@ -261,3 +261,15 @@ def test_overwrite_never_replaces_a_foreign_folder(tmp_path):
     out = evaluation.write_outputs(tmp_path / "eval", [], {"accuracy": 0.5})
     evaluation.write_outputs(out, [], {"accuracy": 0.6}, overwrite=True)  # its own output: replaced
     assert '"accuracy": 0.6' in (out / "metrics.json").read_text()
+
+
+def test_score_refuses_a_reasoning_dataset(processed_tiny):
+    """--reasoning brief datasets train a rationale first: --method score would score another format."""
+    from types import SimpleNamespace
+
+    from pmcvqa_sft import evaluation
+    from pmcvqa_sft.errors import InputError
+    rows, report = evaluation.load_eval_rows(processed_tiny, "test", 2)
+    loaded = SimpleNamespace(has_adapter=False, tokenizer=None, system_prompt=None)
+    with pytest.raises(InputError, match="--method generate"):
+        evaluation.run_evaluation(loaded, processed_tiny, method="score", data=(rows, {**report, "reasoning": "brief"}))
