@@ -137,8 +137,7 @@ def answer_text_after_letter(answer: str, letter: str, choices: Mapping[str, str
     """The choice text for `letter` (from `choices`, else what follows `Answer: B.` in the answer)."""
     if choices and letter in choices:
         return choices[letter]
-    m = re.search(rf"answer\s*:?\s*{letter}\s*[\.\):]\s*(.+)", answer, re.IGNORECASE)
-    return m.group(1).strip() if m else ""
+    return _text_after_letter(answer, letter)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -92,6 +92,13 @@ def strip_prompt_overlap(prompt_tail: str, content: str) -> str:
     return content
 
 
+def assistant_turn(prompt: str, generated: str) -> str:
+    """The whole assistant turn of a generation: the `<think>\n` that DeepSeek's generation prompt
+    already opened (so it is not in the generated text) + the generated text."""
+    from .prompts import THINK_OPEN
+    return (THINK_OPEN if prompt.endswith(THINK_OPEN) else "") + generated
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import prompts
-from .chat import render_prompt
+from .chat import assistant_turn, render_prompt
 from .generation import GenerationSettings, generate_batch, stream_generate
 from .inference import build_messages, parse_reply
 
@@ -173,7 +173,7 @@ def run_demo(model, tokenizer, settings: GenerationSettings, system_prompt=None,
         start = time.perf_counter()
         gen = generate_batch(model, tokenizer, [prompt], settings)[0]
         secs = time.perf_counter() - start
-        raw = (prompts.THINK_OPEN if prompt.endswith(prompts.THINK_OPEN) else "") + gen.text
+        raw = assistant_turn(prompt, gen.text)
         letter, text, reasoning = parse_reply(raw, choices)
         print(f"[{i}] {question}", file=out)
         for k, v in (choices or {}).items():

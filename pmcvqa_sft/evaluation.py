@@ -21,7 +21,7 @@ from typing import Sequence
 
 from . import prompts
 from .answers import ScoreItem, extract_answer, score_choices
-from .chat import render_prompt, template_hash
+from .chat import assistant_turn, render_prompt, template_hash
 from .dataset_io import load_processed, row_choices
 from . import atomic
 from .atomic import atomic_dir
@@ -99,7 +99,7 @@ def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAU
     for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
         idx = order[start:start + batch_size]
         for i, g in zip(idx, generate_batch(model, tokenizer, [texts[i] for i in idx], settings)):
-            raw = prompts.THINK_OPEN + g.text if texts[i].endswith(prompts.THINK_OPEN) else g.text
+            raw = assistant_turn(texts[i], g.text)
             ext = extract_answer(raw, rows[i]["choices"])
             out[i] = {"pred": ext.letter, "output": g.text, "extraction": ext.method,
                       "finished": g.finished, "new_tokens": len(g.token_ids)}

@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 from . import modeling, prompts
 from .answers import answer_text_after_letter, extract_answer
-from .chat import render_prompt, template_hash
+from .chat import assistant_turn, render_prompt, template_hash
 from .atomic import atomic_dir, check_output_dir
 from .errors import InputError
 from .generation import GenerationSettings, generate_batch
@@ -251,7 +251,7 @@ def answer_question(question: str, choices: Mapping[str, str] | Sequence[str] | 
     prompt = render_prompt(tok, messages)
     start = time.perf_counter()
     gen = generate_batch(net, tok, [prompt], settings)[0]
-    raw = prompts.THINK_OPEN + gen.text if prompt.endswith(prompts.THINK_OPEN) else gen.text
+    raw = assistant_turn(prompt, gen.text)
     letter, text, reasoning = parse_reply(raw, choices)
     return Answer(letter, text, reasoning, raw, len(gen.token_ids), time.perf_counter() - start)
 
