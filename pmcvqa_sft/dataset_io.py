@@ -18,6 +18,9 @@ from pathlib import Path
 from .errors import InputError
 
 REPORT_NAME = "preprocess_report.json"
+# The training output folder (train_sft_example.py --output_dir), read by the inference side.
+ADAPTER_DIR = "adapter"
+RUN_CARD = "run_card.json"
 EXAMPLES_NAME = "examples.json"
 TOKEN_COLUMNS = ("input_ids", "labels")
 PROVENANCE_COLUMNS = ("source_file", "source_row", "question", "caption", "choices", "answer_label")

@@ -25,11 +25,11 @@ from . import modeling, prompts
 from .answers import answer_text_after_letter, extract_answer
 from .chat import assistant_turn, render_prompt, template_hash
 from .atomic import atomic_dir, check_output_dir
+from .dataset_io import ADAPTER_DIR, RUN_CARD
 from .errors import InputError
 from .generation import GenerationSettings, generate_batch
 
 ADAPTER_CONFIG = "adapter_config.json"
-RUN_CARD = "run_card.json"
 
 
 def default_quantization() -> str:
@@ -42,7 +42,7 @@ def find_adapter_dir(path) -> Path:
     d = Path(path)
     if not d.exists():
         raise InputError(f"adapter folder '{path}' does not exist")
-    for cand in (d, d / "adapter"):
+    for cand in (d, d / ADAPTER_DIR):
         if (cand / ADAPTER_CONFIG).is_file():
             return cand
     raise InputError(f"'{path}' holds no {ADAPTER_CONFIG} (looked in it and in its adapter/ subfolder); "
@@ -64,7 +64,7 @@ def _read_json(path: Path) -> dict:
 
 def training_files(adapter_dir: Path) -> tuple[Path | None, dict]:
     """(folder holding the training tokenizer, run card) near an adapter folder."""
-    folders = [adapter_dir] + ([adapter_dir.parent] if adapter_dir.name == "adapter" else [])
+    folders = [adapter_dir] + ([adapter_dir.parent] if adapter_dir.name == ADAPTER_DIR else [])
     tok_dir = next((f for f in folders if _has_tokenizer(f)), None)
     card = next((_read_json(f / RUN_CARD) for f in folders if (f / RUN_CARD).is_file()), {})
     return tok_dir, card

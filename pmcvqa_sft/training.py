@@ -31,10 +31,9 @@ from pathlib import Path
 from .collate import (LENGTH_COLUMN, ROW_ID_KEY, EpochLengthGroupedSampler, SFTCollator, add_length_column,
                       lengths_of)
 from .atomic import replace_dir, write_json
+from .dataset_io import ADAPTER_DIR, RUN_CARD
 from .errors import InputError
 
-ADAPTER_DIR = "adapter"
-RUN_CARD = "run_card.json"
 LOSS_PNG = "loss_curve.png"
 MARKER = "train_args.json"
 KILL_ENV = "PMCVQA_KILL_AFTER_SAVE"
