@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 
-from pmcvqa_sft.data import HUB_DATASET_ID
+from pmcvqa_sft.sources import HUB_DATASET_ID
 from pmcvqa_sft.errors import OneLineParser, run_main
 from pmcvqa_sft.modeling import DEFAULT_MODEL
 

@@ -35,21 +35,21 @@ def parse_args(argv=None):
 
 def check_row(tok, row, gen_tail, sys_prompt, reasoning, include_caption) -> dict[str, bool]:
     """Each invariant for one row, recomputed independently of the preprocessor's fast path."""
-    from pmcvqa_sft import chat, prompts
+    from pmcvqa_sft import encoding, prompts
     from pmcvqa_sft.dataset_io import row_choices
     ids, labels = row["input_ids"], row["labels"]
     msgs = prompts.create_conversation(row["question"], row_choices(row), row["answer_label"],
                                        caption=row["caption"] or None if include_caption else None,
                                        system_prompt=sys_prompt, reasoning=reasoning)
-    prompt = chat.encode_text(tok, chat.render_prompt(tok, msgs))
+    prompt = encoding.encode_text(tok, encoding.render_prompt(tok, msgs))
     n = len(prompt)
-    target_text = chat.strip_prompt_overlap(gen_tail, msgs[-1]["content"])
+    target_text = encoding.strip_prompt_overlap(gen_tail, msgs[-1]["content"])
     bos, eos = tok.bos_token_id, tok.eos_token_id
     return {
         "one BOS, at position 0": bos is None or (ids[:1] == [bos] and ids.count(bos) == 1),
         "prompt = apply_chat_template(generation prompt)": ids[:n] == prompt,
         "prompt ends with the generation tail": tok.decode(ids[:n], skip_special_tokens=False).endswith(gen_tail),
-        "labels -100 exactly on the prompt": (all(x == chat.IGNORE_INDEX for x in labels[:n])
+        "labels -100 exactly on the prompt": (all(x == encoding.IGNORE_INDEX for x in labels[:n])
                                               and labels[n:] == ids[n:] and len(ids) > n),
         "target ends with EOS, EOS labelled": ids[-1] == eos and labels[-1] == eos,
         "decode(target) == expected answer text": tok.decode(ids[n:-1], skip_special_tokens=False) == target_text,
@@ -59,7 +59,7 @@ def check_row(tok, row, gen_tail, sys_prompt, reasoning, include_caption) -> dic
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pmcvqa_sft import chat
+    from pmcvqa_sft import encoding
     from pmcvqa_sft.dataset_io import load_processed
     from pmcvqa_sft.modeling import load_tokenizer
     from pmcvqa_sft.preprocess import run_preprocess
@@ -74,15 +74,15 @@ def main(argv=None) -> int:
         rows = [(s, r) for s in dsd for r in dsd[s]]
         int32 = all(str(dsd[s].features[c].feature.dtype) == "int32" for s in dsd for c in ("input_ids", "labels"))
     sys_prompt = report["system_prompt"]
-    gen_tail = chat.PromptEncoder(tok, sys_prompt).gen_tail
+    gen_tail = encoding.PromptEncoder(tok, sys_prompt).gen_tail
     color = sys.stdout.isatty()
     print(f"tokenizer {args.tokenizer} (vocab {report['vocab_size']}, EOS {report['eos_token_id']}); "
           f"{len(rows)} rows from {args.data}; splits {report['splits']}; trained tokens in "
           f"{'green' if color else '⟦…⟧'}\n")
     for split, row in rows[:args.show]:
         print(f"--- {split} {row['source_file']} row {row['source_row']} "
-              f"({len(row['input_ids'])} tokens, {sum(x != chat.IGNORE_INDEX for x in row['labels'])} trained)")
-        print(chat.visualize_mask(tok, row["input_ids"], row["labels"], color=color))
+              f"({len(row['input_ids'])} tokens, {sum(x != encoding.IGNORE_INDEX for x in row['labels'])} trained)")
+        print(encoding.visualize_mask(tok, row["input_ids"], row["labels"], color=color))
         print()
     results: dict[str, bool] = {}
     for _, row in rows:

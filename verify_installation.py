@@ -61,7 +61,7 @@ def write_json(path: str, payload: dict, overwrite: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pmcvqa_sft import environment as env
+    from pmcvqa_sft import checks, environment as env
     if args.minimal and args.smoke:
         raise InputError("--smoke needs the full install (torch, bitsandbytes): drop --minimal")
     if args.json and args.json != "-" and Path(args.json).exists() and not args.overwrite:
@@ -74,12 +74,12 @@ def main(argv=None) -> int:
     progress = (lambda msg: None) if quiet else (lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
     rows = env.run_checks(requirements, args.cache_dir, args.output_dir, minimal=args.minimal,
                           smoke=args.smoke, progress=progress)
-    payload = env.to_json(rows, requirements=str(requirements), minimal=args.minimal, smoke=args.smoke)
+    payload = checks.to_json(rows, requirements=str(requirements), minimal=args.minimal, smoke=args.smoke)
     if quiet:
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         print(f"Installation check ({Path(requirements).name}{', smoke test' if args.smoke else ''}):")
-        print(env.format_table(rows))
+        print(checks.format_table(rows))
         if args.json:
             write_json(args.json, payload, args.overwrite)
             print(f"results written to {args.json}")

@@ -62,7 +62,7 @@ def train_quick_adapter(tiny_dir, steps: int = 400, rows=None, lr: float | None 
     from transformers import AutoModelForCausalLM
 
     from pmcvqa_sft import modeling, prompts
-    from pmcvqa_sft.chat import encode_conversation, template_hash
+    from pmcvqa_sft.encoding import encode_conversation, template_hash
 
     tiny_dir = Path(tiny_dir)
     rows = rows if rows is not None else sample_rows("train")
@@ -109,7 +109,7 @@ def sequential_generate(model, tokenizer, rows, max_new_tokens: int) -> list[str
 
     from pmcvqa_sft import prompts
     from pmcvqa_sft.answers import extract_answer
-    from pmcvqa_sft.chat import render_prompt
+    from pmcvqa_sft.encoding import render_prompt
     preds = []
     for r in rows:
         msgs = prompts.create_conversation(r["question"], r["choices"])

@@ -3,8 +3,10 @@
 One job per file:
     errors.py       one-line user errors (file, row, column) and the exit-code-2 wrapper
     prompts.py      the prompt functions users edit: system prompt, user prompt, answer format
-    chat.py         conversation -> (input_ids, labels) with the tokenizer's own template; mask visualiser
-    data.py         reading and validating PMC-VQA CSVs (v1, v2), hub download
+    encoding.py     conversation -> (input_ids, labels) with the tokenizer's own template: the reference,
+                    the batched fast paths (PromptEncoder, FastPromptEncoder, RowEncoder); mask visualiser
+    data.py         reading and validating PMC-VQA CSVs (v1, v2)
+    sources.py      where the CSVs come from: a file, a folder of release files, or the Hub
     sample_data.py  generator of the bundled PMC-VQA-format sample under data/sample/
     tiny.py         the embedded offline tiny Llama model and tokenizer
 Scripts -> package -> libraries, never back.

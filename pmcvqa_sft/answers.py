@@ -7,7 +7,7 @@ Two ways to get a multiple-choice prediction:
   `option B`, and finally the text of exactly one choice. Anything else is unparseable (letter None).
 - `score_choices(model, tokenizer, items)`: no generation. Each choice's whole answer turn in the
   exact training format (`prompts.candidate_contents`, target tokens built like
-  `chat.encode_conversation`: content minus the prompt's `<think>\\n`, + EOS) is scored by the sum of
+  `encoding.encode_conversation`: content minus the prompt's `<think>\\n`, + EOS) is scored by the sum of
   its token log-probabilities after the chat prompt, as lm-eval does; the byte-length-normalised
   score is recorded too. Many questions are scored at once: their shared prompt + answer start runs once
   per question, then the choices' differing suffixes run together from a copied KV cache.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from . import prompts
-from .chat import IGNORE_INDEX, PromptEncoder
+from .encoding import IGNORE_INDEX, PromptEncoder
 
 LETTER_SET = prompts.LETTERS
 
@@ -276,10 +276,10 @@ def score_choices(model, tokenizer, items: Sequence[ScoreItem], batch_size: int 
 
 def reference_score(model, tokenizer, user_text: str, choices: Mapping[str, str],
                     letter_only: bool = False, system_prompt: str | None = None) -> list[float]:
-    """Slow per-choice reference (chat.encode_conversation, one unpadded forward each), for tests."""
+    """Slow per-choice reference (encoding.encode_conversation, one unpadded forward each), for tests."""
     import torch
 
-    from .chat import encode_conversation
+    from .encoding import encode_conversation
     msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
         [{"role": "user", "content": user_text}]
     out = []

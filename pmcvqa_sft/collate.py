@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Sampler
 
-from .chat import IGNORE_INDEX
+from .encoding import IGNORE_INDEX
 
 LENGTH_COLUMN = "length"
 ROW_ID_KEY = "row_ids"  # debug only: source rows of a batch, popped before the model sees the batch

@@ -1,7 +1,7 @@
 """The terminal front ends: the interactive chat (`--interactive`) and the built-in demo (`--demo`).
 
 Chat: tokens stream as they are generated; the whole conversation goes through the chat template
-(`chat.render_prompt` on the message list), so follow-up questions see the earlier turns. Commands:
+(`encoding.render_prompt` on the message list), so follow-up questions see the earlier turns. Commands:
 /help, /reset, /think on|off, /temp X, /exit. Ctrl-D or Ctrl-C leaves cleanly. `readline` gives line
 editing and history where it exists (not on plain Windows) and stdin is a terminal; piped stdin works
 too (scripted sessions).
@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import prompts
-from .chat import assistant_turn, render_prompt
+from .encoding import assistant_turn, render_prompt
 from .generation import GenerationSettings, generate_batch, stream_generate
 from .inference import build_messages, parse_reply
 

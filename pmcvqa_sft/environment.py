@@ -13,18 +13,15 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .checks import FAIL, INSTALL_FIX, PASS, WARN, Check, guarded
 from .errors import InputError
 
-PASS, WARN, FAIL = "pass", "warn", "fail"
-SYMBOLS = {PASS: "✓", WARN: "!", FAIL: "✗"}
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "requirements.txt"
 REQUIREMENTS_MINIMAL = ROOT / "requirements-minimal.txt"
-SAMPLE_TRAIN = ROOT / "data" / "sample" / "train.csv"
 
 # ---- what the real run (DeepSeek-R1-Distill-Llama-8B, 8.03 B parameters) needs ----
 # Sizes in GB = 1e9 bytes, as model cards and disk tools print them.
@@ -46,17 +43,8 @@ HUB_TIMEOUT_S = 5
 # NF4 ~9 % on random normal weights; a broken kernel gives ~100 %).
 BNB_TOLERANCE = {8: 0.03, 4: 0.2}
 
-INSTALL_FIX = "pip install -r requirements.txt"
 OFFLINE_FIX = ("pass --model tiny to run offline (the embedded model; --data data/sample for the bundled "
                "sample), or pass local folders to --model / --tokenizer")
-
-
-@dataclass
-class Check:
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
 
 
 def _gb(n_bytes: float) -> float:
@@ -78,14 +66,6 @@ def hub_token() -> str | None:
 def redact(text: str) -> str:
     token = hub_token()
     return text.replace(token, "***") if token and len(token) >= 4 else text
-
-
-def guarded(name: str, fn, fix: str = "") -> list[Check]:
-    """Run one check; a crash inside it becomes a ✗ row, never a traceback."""
-    try:
-        return fn()
-    except Exception as exc:  # a check must report, not crash the whole run
-        return [Check(name, FAIL, f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}", fix)]
 
 
 # ---- Python and packages ----
@@ -377,27 +357,3 @@ def run_checks(requirements_path, cache_dir, output_dir, minimal: bool = False, 
     for r in rows:
         r.detail, r.fix = redact(r.detail), redact(r.fix)
     return rows
-
-
-def summarize(rows: list[Check]) -> dict:
-    counts = {s: sum(r.status == s for r in rows) for s in (PASS, WARN, FAIL)}
-    return {"ok": counts[FAIL] == 0, "passed": counts[PASS], "warnings": counts[WARN], "failed": counts[FAIL]}
-
-
-def format_table(rows: list[Check]) -> str:
-    width = max(len(r.name) for r in rows)
-    lines = []
-    for r in rows:
-        lines.append(f"  {SYMBOLS[r.status]} {r.name:<{width}}  {r.detail}")
-        if r.fix:
-            lines.append(f"    {'':<{width}}  fix: {r.fix}")
-    s = summarize(rows)
-    verdict = ("ready" + (" (warnings: fine for the tiny demo, see the ! lines for the 8B run)" if s["warnings"]
-                          else "") if s["ok"] else "not ready: fix the ✗ lines above")
-    plural = "" if s["warnings"] == 1 else "s"
-    lines.append(f"\n{s['passed']} passed, {s['warnings']} warning{plural}, {s['failed']} failed: {verdict}")
-    return "\n".join(lines)
-
-
-def to_json(rows: list[Check], **extra) -> dict:
-    return {**summarize(rows), **extra, "checks": [asdict(r) for r in rows]}

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from . import prompts
 from .answers import ScoreItem, extract_answer, score_choices
-from .chat import assistant_turn, render_prompt, template_hash
+from .encoding import assistant_turn, render_prompt, template_hash
 from .dataset_io import load_processed, row_choices
 from . import atomic
 from .atomic import atomic_dir

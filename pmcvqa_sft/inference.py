@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 from . import modeling, prompts
 from .answers import answer_text_after_letter, extract_answer
-from .chat import assistant_turn, render_prompt, template_hash
+from .encoding import assistant_turn, render_prompt, template_hash
 from .atomic import atomic_dir, check_output_dir
 from .dataset_io import ADAPTER_DIR, RUN_CARD
 from .errors import InputError

@@ -72,7 +72,7 @@ def load_tokenizer(name: str):
     """AutoTokenizer for a hub id, folder or `tiny`; the plain chat template is added when missing."""
     from transformers import AutoTokenizer
 
-    from .chat import ensure_chat_template
+    from .encoding import ensure_chat_template
     path = resolve_name(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, **_hub_kwargs(path))

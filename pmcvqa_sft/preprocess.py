@@ -2,7 +2,7 @@
 
 Pipeline: resolve `--data` (file / folder / Hub id) -> read and validate the CSVs (`data.py`) -> build
 each row's conversation with `prompts.create_conversation` (the file users edit) -> tokenize prompts and
-targets in big batches with `chat.PromptEncoder` (token-exact with `apply_chat_template`, verified on
+targets in big batches with `encoding.PromptEncoder` (token-exact with `apply_chat_template`, verified on
 the first rows of every job) -> shorten or skip rows over `max_length` -> carve a seeded validation
 split from train -> build Arrow columns directly (int32, no padding) -> `save_to_disk` into a temp
 folder beside `output_dir`, then rename it into place.
@@ -25,19 +25,18 @@ import uuid
 from itertools import chain, islice
 from pathlib import Path
 
-from . import chat, prompts
-from .data import ReadStats, read_pmc_vqa_csv, resolve_data_files
+from . import encoding, prompts
+from .encoding import NO_HEAD, RowEncoder
+from .data import ReadStats, read_pmc_vqa_csv
+from .sources import resolve_data_files
 from .dataset_io import EXAMPLES_NAME, REPORT_NAME
 from . import atomic
 from .atomic import replace_dir
 from .errors import InputError
 
-MIN_QUESTION_TOKENS = 8     # a question cut shorter than this is useless: skip the row instead
 VERIFY_ROWS = 16            # rows per job checked against the per-row apply_chat_template reference
 CHUNK = 10_000              # rows per tokenizer call: big batches keep the Rust tokenizer busy
 EXAMPLES_PER_SPLIT = 2
-PREFIX_CHECK_ROWS = 64      # rows per batch tokenized whole to confirm the shared-prefix cut is exact
-NO_HEAD: list[int] = []     # the head of a prompt tokenized whole
 SIZE_BOUND = 3.0            # on-disk bytes <= SIZE_BOUND x (tokens x 4 bytes)
 OUTPUT_SPLITS = ("train", "test")  # source splits used; v1 `test_full` (test.csv beside test_clean) is not
 
@@ -94,130 +93,6 @@ def check_output_dir(output_dir, overwrite: bool) -> Path:
     return atomic.check_output_dir(output_dir, overwrite, REPORT_NAME, "a preprocessor output")
 
 
-# ---------------------------------------------------------------- encoding
-def batch_ids(tokenizer, texts) -> list[list[int]]:
-    """Token ids of many texts without special tokens. Fast tokenizers go straight to the Rust backend
-    (`encode_batch_fast`, no offsets): transformers' per-row Python conversion costs more than the
-    tokenization itself. Same ids as `tokenizer(texts, add_special_tokens=False)`; `verify()` checks."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    # A padded/truncated call such as tok(x, padding="max_length") leaves that state on the backend;
-    # transformers clears it on its next call, and so must we.
-    if backend.padding is not None:
-        backend.no_padding()
-    if backend.truncation is not None:
-        backend.no_truncation()
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
-
-
-class FastPromptEncoder(chat.PromptEncoder):
-    """`chat.PromptEncoder` with the backend batch call and a shared-prefix cache; its inherited
-    `verify()` compares these very methods with the per-row `apply_chat_template` reference.
-
-    Every prompt starts with the same text (BOS, `<｜User｜>`, the instruction, `Question:`), about 40 %
-    of its tokens. That prefix is tokenized once when cutting there is exact: the cut is placed before a
-    space (where byte-level BPE pre-tokenizers always start a new piece), and a sample of rows of each
-    batch is tokenized whole and compared; any difference and the batch is tokenized whole.
-    """
-
-    prefix_batches = prefix_exact = 0
-
-    def prompt_parts(self, user_texts) -> list[tuple[list[int], list[int]]]:
-        """Per row (head, rest) with prompt ids = head + rest; `head` is one list shared by the batch
-        (never modified), so no per-row copy of the common tokens is made."""
-        texts = [self.prompt_text(u) for u in user_texts]
-        cut = os.path.commonprefix(texts).rfind(" ") if len(texts) > 1 else -1
-        if cut > 0:
-            head = batch_ids(self.tokenizer, [texts[0][:cut]])[0]
-            rest = batch_ids(self.tokenizer, [t[cut:] for t in texts])
-            sample = sorted({0, len(texts) - 1, *range(0, len(texts), max(1, len(texts) // PREFIX_CHECK_ROWS))})
-            whole = batch_ids(self.tokenizer, [texts[i] for i in sample])
-            self.prefix_batches += 1
-            if all(head + rest[i] == w for i, w in zip(sample, whole)):
-                self.prefix_exact += 1
-                return [(head, r) for r in rest]
-        return [(NO_HEAD, r) for r in batch_ids(self.tokenizer, texts)]
-
-    def prompt_ids(self, user_texts):
-        return [h + r for h, r in self.prompt_parts(user_texts)]
-
-    def target_ids(self, contents):
-        targets = [chat.strip_prompt_overlap(self.gen_tail, c) for c in contents]
-        return [ids + [self.eos_id] for ids in batch_ids(self.tokenizer, targets)]
-
-
-class RowEncoder:
-    """Record -> (prompt ids, target ids): batched fast path when `create_conversation` gives the
-    plain [system?, user, assistant] shape, else the per-row reference `chat.encode_conversation`."""
-
-    def __init__(self, tokenizer, system_prompt, reasoning, include_caption):
-        self.tok, self.system_prompt = tokenizer, system_prompt
-        self.reasoning, self.include_caption = reasoning, include_caption
-        self.fast = FastPromptEncoder(tokenizer, system_prompt)
-        self.n_sys = 1 if system_prompt else 0
-
-    def messages(self, rec, question=None, caption=None):
-        cap = (rec.caption if caption is None else caption) if self.include_caption else None
-        return prompts.create_conversation(
-            rec.question if question is None else question, rec.choices, rec.answer_label,
-            caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning)
-
-    def _fast_ok(self, msgs) -> bool:
-        roles = [m["role"] for m in msgs]
-        return (roles == ["system"] * self.n_sys + ["user", "assistant"]
-                and (not self.n_sys or msgs[0]["content"] == self.system_prompt))
-
-    def encode(self, msgs_list):
-        """-> (prompts as (head, rest) pairs, target ids incl. EOS)."""
-        if all(self._fast_ok(m) for m in msgs_list):
-            users, contents = [m[-2]["content"] for m in msgs_list], [m[-1]["content"] for m in msgs_list]
-            return _dedup_call(self.fast.prompt_parts, users), _dedup_call(self.fast.target_ids, contents)
-        pairs = [chat.encode_conversation(self.tok, m) for m in msgs_list]  # edited prompt shape
-        prompts_, targets = [], []
-        for ids, labels in pairs:
-            n = labels.count(chat.IGNORE_INDEX)
-            prompts_.append((NO_HEAD, ids[:n]))
-            targets.append(ids[n:])
-        return prompts_, targets
-
-    def verify(self, msgs_list) -> int:
-        """Fast path == per-row apply_chat_template reference on these rows (raises otherwise)."""
-        fast = [m for m in msgs_list if self._fast_ok(m)]
-        if fast:
-            self.fast.verify([m[-2]["content"] for m in fast], [m[-1]["content"] for m in fast])
-        return len(fast)
-
-    def fit(self, rec, prompt, target, max_length):
-        """Shorten caption, then question, until the row fits; (prompt ids, target, what) or None."""
-        prompt = prompt[0] + prompt[1]
-        if len(prompt) + len(target) <= max_length:
-            return prompt, target, None
-        fields = {"caption": (rec.caption or "") if self.include_caption else "", "question": rec.question}
-        for name in ("caption", "question"):
-            toks = chat.encode_text(self.tok, fields[name]) if fields[name] else []
-            floor = 0 if name == "caption" else min(MIN_QUESTION_TOKENS, len(toks))
-            keep = len(toks)
-            while len(prompt) + len(target) > max_length and keep > floor:
-                keep = max(floor, keep - (len(prompt) + len(target) - max_length))
-                fields[name] = self.tok.decode(toks[:keep]).replace("\ufffd", "").strip()
-                ((head, rest),), (target,) = self.encode([self.messages(rec, fields["question"], fields["caption"])])
-                prompt = head + rest
-            if len(prompt) + len(target) <= max_length:
-                return prompt, target, name
-        return None
-
-
-def _dedup_call(fn, texts):
-    """Tokenize each distinct text once (targets repeat a lot: the same answer in many rows)."""
-    uniq = list(dict.fromkeys(texts))
-    if len(uniq) > 0.9 * len(texts):
-        return fn(texts)
-    table = dict(zip(uniq, fn(uniq)))
-    return [table[t] for t in texts]
-
-
 def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, desc, progress=True):
     """-> (kept records, prompts as (head, rest) pairs, target id lists); too-long rows counted in
     `skipped`, shortened ones in `truncated`."""
@@ -268,7 +143,7 @@ def build_dataset(records, P, T, with_caption=True):
     # A token is a prompt token when its position inside its row is < that row's prompt length.
     row = np.repeat(np.arange(len(records)), lengths)
     in_prompt = (np.arange(total) - offsets[:-1][row]) < lp[row]
-    labels = np.where(in_prompt, np.int32(chat.IGNORE_INDEX), ids).astype(np.int32)
+    labels = np.where(in_prompt, np.int32(encoding.IGNORE_INDEX), ids).astype(np.int32)
     pa_off = pa.array(offsets, type=pa.int32())
     string = pa.string()
     choices = pa.StructArray.from_arrays(
@@ -312,12 +187,12 @@ def _examples(tok, split, records, P, T, n=EXAMPLES_PER_SPLIT):
     out = []
     for rec, (h, r), t in islice(zip(records, P, T), n):
         p = h + r
-        ids, labels = p + t, [chat.IGNORE_INDEX] * len(p) + t
+        ids, labels = p + t, [encoding.IGNORE_INDEX] * len(p) + t
         out.append({"split": split, "source_file": rec.source_file, "source_row": rec.source_row,
                     "answer_label": rec.answer_label,
                     "prompt": tok.decode(p, skip_special_tokens=False),
                     "target": tok.decode(t, skip_special_tokens=False),
-                    "mask": chat.visualize_mask(tok, ids, labels), "input_ids": ids, "labels": labels})
+                    "mask": encoding.visualize_mask(tok, ids, labels), "input_ids": ids, "labels": labels})
     return out
 
 
@@ -399,8 +274,8 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
     if tokenizer is None:
         from .modeling import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_name)
-    chat.ensure_chat_template(tokenizer)
-    plain_template = tokenizer.chat_template == chat.PLAIN_CHAT_TEMPLATE
+    encoding.ensure_chat_template(tokenizer)
+    plain_template = tokenizer.chat_template == encoding.PLAIN_CHAT_TEMPLATE
     lap("tokenizer")
     unused = 0
     if max_samples:
@@ -447,9 +322,9 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             "args": args,
             "tokenizer": str(tokenizer_name),
             "tokenizer_path": str(getattr(tokenizer, "name_or_path", "")),
-            "template_hash": chat.template_hash(tokenizer),
-            "tokenizer_hash": chat.tokenizer_hash(tokenizer),  # vocab + merges: training refuses another
-            "chat_template": "plain (chat.PLAIN_CHAT_TEMPLATE)" if plain_template else "tokenizer's own",
+            "template_hash": encoding.template_hash(tokenizer),
+            "tokenizer_hash": encoding.tokenizer_hash(tokenizer),  # vocab + merges: training refuses another
+            "chat_template": "plain (encoding.PLAIN_CHAT_TEMPLATE)" if plain_template else "tokenizer's own",
             "system_prompt": sys_prompt, "reasoning": "brief" if reasoning else "none",
             "include_caption": bool(include_caption),
             "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,

@@ -8,7 +8,7 @@ Rules these defaults follow, and why:
 - No system prompt (`SYSTEM_PROMPT = None`). DeepSeek advises putting every instruction in the user turn
   for the R1 distills; `--system_prompt` overrides it for experiments.
 - The assistant turn starts with `<think>\n`, because the model's own generation prompt ends with
-  `<｜Assistant｜><think>\n`. `chat.py` removes the part the generation prompt already holds, so the
+  `<｜Assistant｜><think>\n`. `encoding.py` removes the part the generation prompt already holds, so the
   trained target is exactly what the model must produce after the real inference prompt.
 - The answer line is `Answer: B. <choice text>`: the letter is what we score, the text after it makes
   learning easier (a tiny model cannot map letters to answers it knows without it) and lets the

@@ -6,8 +6,11 @@ through bitsandbytes, attach LoRA, take a few optimizer steps (the loss must fal
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from .environment import FAIL, INSTALL_FIX, PASS, SAMPLE_TRAIN, Check
+from .checks import FAIL, INSTALL_FIX, PASS, Check
+
+SAMPLE_TRAIN = Path(__file__).resolve().parent.parent / "data" / "sample" / "train.csv"
 
 SMOKE_ROWS, SMOKE_STEPS, SMOKE_LR = 4, 10, 2e-3
 
@@ -16,15 +19,15 @@ def _smoke_batch(tokenizer, n_rows: int):
     """The first sample rows through the real prompt and encoding; padded right, padding masked by position."""
     import torch
 
-    from . import chat, data, prompts
+    from . import encoding, data, prompts
     records, _ = data.read_pmc_vqa_csv(SAMPLE_TRAIN)
     records = records[:n_rows]
-    encoded = [chat.encode_conversation(tokenizer, prompts.create_conversation(
+    encoded = [encoding.encode_conversation(tokenizer, prompts.create_conversation(
         r.question, r.choices, r.answer_label, r.caption)) for r in records]
     width = max(len(ids) for ids, _ in encoded)
     pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
     batch = {"input_ids": torch.tensor([pad(ids, tokenizer.eos_token_id) for ids, _ in encoded]),
-             "labels": torch.tensor([pad(labels, chat.IGNORE_INDEX) for _, labels in encoded]),
+             "labels": torch.tensor([pad(labels, encoding.IGNORE_INDEX) for _, labels in encoded]),
              "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in encoded])}
     return batch, records
 
@@ -46,7 +49,7 @@ def _smoke(progress) -> list[Check]:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from . import chat, modeling, prompts, tiny
+    from . import encoding, modeling, prompts, tiny
     start = time.monotonic()
     folder = tiny.ensure_tiny(log=progress)
     tokenizer = modeling.load_tokenizer(str(folder))
@@ -74,8 +77,8 @@ def _smoke(progress) -> list[Check]:
                       "" if fell else f"the loss did not fall: check the versions above, then {INSTALL_FIX}"))
     model.eval()
     r = records[0]
-    prompt = chat.render_prompt(tokenizer, prompts.create_conversation(r.question, r.choices, caption=r.caption))
-    ids = torch.tensor([chat.encode_text(tokenizer, prompt)], device=device)
+    prompt = encoding.render_prompt(tokenizer, prompts.create_conversation(r.question, r.choices, caption=r.caption))
+    ids = torch.tensor([encoding.encode_text(tokenizer, prompt)], device=device)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
                              do_sample=False, pad_token_id=tokenizer.eos_token_id)

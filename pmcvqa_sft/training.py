@@ -153,7 +153,7 @@ def check_dataset_matches(report: dict, tokenizer, dataset_dir, model_name) -> N
     Compares what the report holds: reports written before `tokenizer_hash` existed are checked on the
     other fields only.
     """
-    from .chat import template_hash, tokenizer_hash
+    from .encoding import template_hash, tokenizer_hash
     want = {"tokenizer_hash": tokenizer_hash, "vocab_size": len, "template_hash": template_hash,
             "eos_token_id": lambda t: t.eos_token_id}
     bad = []
@@ -410,7 +410,7 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
 
 def run_training(o: TrainOptions, log=print) -> dict:
     """Train; returns the run card (also written to `<output_dir>/run_card.json` by the main process)."""
-    from .chat import template_hash
+    from .encoding import template_hash
     from .modeling import resolve_name
     run = setup_run(o, log=log)
     trainer, state, out = run.trainer, run.state, Path(o.output_dir)

@@ -70,7 +70,7 @@ def test_split_reasoning_parts():
 
 
 def test_batched_scores_equal_unpadded_reference(tiny_dir, tiny_tokenizer):
-    """Right-padded batched scoring == one unpadded forward per choice via chat.encode_conversation."""
+    """Right-padded batched scoring == one unpadded forward per choice via encoding.encode_conversation."""
     import torch
     from transformers import AutoModelForCausalLM
 

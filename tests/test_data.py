@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from pmcvqa_sft import sample_data
-from pmcvqa_sft.data import (PMC_FILES, V1_COLUMNS, V2_COLUMNS, MCQRecord, ReadStats, clean_cell,
-                             clean_choice, read_pmc_vqa_csv, resolve_data_files)
+from pmcvqa_sft.data import (V1_COLUMNS, V2_COLUMNS, MCQRecord, ReadStats, clean_cell, clean_choice,
+                             read_pmc_vqa_csv)
+from pmcvqa_sft.sources import PMC_FILES, resolve_data_files
 from pmcvqa_sft.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]

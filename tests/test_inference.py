@@ -93,7 +93,7 @@ def test_score_and_generate_agree(loaded, known_rows):
 
 
 def test_batched_greedy_generation_equals_unbatched(loaded, eval_rows):
-    from pmcvqa_sft.chat import render_prompt
+    from pmcvqa_sft.encoding import render_prompt
     from pmcvqa_sft.generation import GenerationSettings, generate_batch
     from pmcvqa_sft.inference import build_messages
     t = loaded.tokenizer
@@ -123,7 +123,7 @@ def test_answer_question_api(loaded, adapter_dir, known_rows):
 
 
 def test_adapter_in_subfolder_and_tokenizer_from_output(adapter_dir, tmp_path):
-    from pmcvqa_sft.chat import template_hash
+    from pmcvqa_sft.encoding import template_hash
     from pmcvqa_sft.inference import _base_and_tokenizer
     out = tmp_path / "run"
     (out / "adapter").mkdir(parents=True)
@@ -214,7 +214,7 @@ def bad_datasets(tmp_path_factory):
 
 
 def test_bad_inputs_one_line_errors(adapter_dir, tiny_dir, bad_datasets, tmp_path, capsys):
-    from pmcvqa_sft.chat import PLAIN_CHAT_TEMPLATE
+    from pmcvqa_sft.encoding import PLAIN_CHAT_TEMPLATE
     no_cols, empty = bad_datasets
     a = ["--adapter", str(adapter_dir), "--quantization", "none"]
     cases = [

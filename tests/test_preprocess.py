@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pmcvqa_sft import chat, prompts
+from pmcvqa_sft import encoding, prompts
 from pmcvqa_sft.dataset_io import EXAMPLES_NAME, REPORT_NAME, load_processed, row_choices
 from pmcvqa_sft.errors import InputError
 from pmcvqa_sft.modeling import DEFAULT_MODEL
-from pmcvqa_sft.preprocess import FastPromptEncoder, parse_val_size, run_preprocess
+from pmcvqa_sft.encoding import FastPromptEncoder
+from pmcvqa_sft.preprocess import parse_val_size, run_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "preprocess_pmc_vqa_for_sft.py"
@@ -64,7 +65,7 @@ def reference(tok, row, system_prompt=None, reasoning=False, include_caption=Fal
     msgs = prompts.create_conversation(row["question"], row_choices(row), row["answer_label"],
                                        caption=(row["caption"] or None) if include_caption else None,
                                        system_prompt=system_prompt, reasoning=reasoning)
-    return chat.encode_conversation(tok, msgs)
+    return encoding.encode_conversation(tok, msgs)
 
 
 # ---------------------------------------------------------------- the contract on the bundled sample
@@ -93,8 +94,8 @@ def test_sample_output_contract(processed_tiny, tiny_tokenizer):
 
 def test_report_fields_are_consistent(processed_tiny, tiny_tokenizer):
     report = json.loads((processed_tiny / REPORT_NAME).read_text())
-    assert report["template_hash"] == chat.template_hash(tiny_tokenizer)
-    assert report["tokenizer_hash"] == chat.tokenizer_hash(tiny_tokenizer)
+    assert report["template_hash"] == encoding.template_hash(tiny_tokenizer)
+    assert report["tokenizer_hash"] == encoding.tokenizer_hash(tiny_tokenizer)
     assert report["vocab_size"] == len(tiny_tokenizer) and report["eos_token_id"] == tiny_tokenizer.eos_token_id
     n_train, n_test = csv_rows(SAMPLE / "train.csv"), csv_rows(SAMPLE / "test.csv")
     assert report["rows_read"] == n_train + n_test
@@ -114,11 +115,11 @@ def test_report_fields_are_consistent(processed_tiny, tiny_tokenizer):
 
 def test_tokenizer_hash_sees_merges_and_ids_not_runtime_state(tiny_dir, tiny_tokenizer, tmp_path):
     from pmcvqa_sft.modeling import load_tokenizer
-    base = chat.tokenizer_hash(tiny_tokenizer)
-    assert len(base) == 64 and chat.tokenizer_hash(load_tokenizer(str(tiny_dir))) == base  # stable
+    base = encoding.tokenizer_hash(tiny_tokenizer)
+    assert len(base) == 64 and encoding.tokenizer_hash(load_tokenizer(str(tiny_dir))) == base  # stable
     tiny_tokenizer.padding_side = "left"  # run-time state is not part of it
     try:
-        assert chat.tokenizer_hash(tiny_tokenizer) == base
+        assert encoding.tokenizer_hash(tiny_tokenizer) == base
     finally:
         tiny_tokenizer.padding_side = "right"
     tj = json.loads((tiny_dir / "tokenizer.json").read_text())
@@ -135,14 +136,14 @@ def test_tokenizer_hash_sees_merges_and_ids_not_runtime_state(tiny_dir, tiny_tok
             v[a], v[b] = v[b], v[a]
         (d / "tokenizer.json").write_text(json.dumps(t, ensure_ascii=False))
         other = load_tokenizer(str(d))
-        assert len(other) == len(tiny_tokenizer) and chat.tokenizer_hash(other) != base, edit
+        assert len(other) == len(tiny_tokenizer) and encoding.tokenizer_hash(other) != base, edit
 
 
 def test_tokenizer_hash_is_fast_on_the_real_vocabulary(real_tokenizer):
     import time
     t0 = time.perf_counter()
-    h = chat.tokenizer_hash(real_tokenizer)  # 128,256 tokens, 280k merges; measured ~0.1 s
-    assert time.perf_counter() - t0 < 0.5 and h == chat.tokenizer_hash(real_tokenizer)
+    h = encoding.tokenizer_hash(real_tokenizer)  # 128,256 tokens, 280k merges; measured ~0.1 s
+    assert time.perf_counter() - t0 < 0.5 and h == encoding.tokenizer_hash(real_tokenizer)
 
 
 def test_size_bound_and_no_padding(processed_tiny):
@@ -189,7 +190,7 @@ def test_fast_path_matches_reference(tiny_tokenizer, system_prompt, reasoning, c
     users, contents = [m[-2]["content"] for m in msgs], [m[-1]["content"] for m in msgs]
     enc.verify(users, contents)  # the same check every job runs on its first rows
     for m, p, t in zip(msgs, enc.prompt_ids(users), enc.target_ids(contents)):
-        assert (p + t, [-100] * len(p) + t) == chat.encode_conversation(tiny_tokenizer, m)
+        assert (p + t, [-100] * len(p) + t) == encoding.encode_conversation(tiny_tokenizer, m)
 
 
 def test_two_and_three_choice_questions(tmp_path, tiny_tokenizer):
@@ -254,7 +255,7 @@ def test_max_samples_counts_unused_rows(tmp_path, tiny_tokenizer):
 # ---------------------------------------------------------------- truncation
 def _lengths(tok, q, cells=("A: Liver", "B:Heart", "C:Lung", "D:Kidney")):
     msgs = prompts.create_conversation(q, {L: c.split(":", 1)[1].strip() for L, c in zip("ABCD", cells)}, "A")
-    ids, labels = chat.encode_conversation(tok, msgs)
+    ids, labels = encoding.encode_conversation(tok, msgs)
     return len(ids), labels.count(-100)
 
 
@@ -417,7 +418,7 @@ def test_script_end_to_end_and_user_check_script(tmp_path, tiny_dir):
 
 # ---------------------------------------------------------------- the fast path is checked
 def test_shared_prefix_cache_is_exact_and_falls_back(tiny_tokenizer, real_tokenizer, monkeypatch):
-    from pmcvqa_sft import preprocess
+    from pmcvqa_sft import encoding as preprocess  # the fast path lives in encoding.py
     users = [prompts.format_user_prompt(q, c) for q, c in (
         ("Which organ produces bile?", {"A": "Liver", "B": "Heart"}),
         ("3D reconstruction: which bone?", {"A": "Femur", "B": "Tibia", "C": "Ulna"}),
@@ -440,7 +441,7 @@ def test_shared_prefix_cache_is_exact_and_falls_back(tiny_tokenizer, real_tokeni
 
 
 def test_backend_padding_state_left_by_an_earlier_call_is_cleared(tiny_tokenizer):
-    from pmcvqa_sft.preprocess import batch_ids
+    from pmcvqa_sft.encoding import batch_ids
     backend = tiny_tokenizer.backend_tokenizer
     try:
         tiny_tokenizer("x", padding="max_length", max_length=64, truncation=True)  # leaves padding on
@@ -478,7 +479,7 @@ def test_tokenizer_without_chat_template_gets_the_plain_format(tmp_path, tiny_to
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = None
     out, rep = run(tmp_path, write_v1(tmp_path / "d.csv", simple_rows(6)), tok, val_size=0)
-    assert rep["chat_template"].startswith("plain") and rep["template_hash"] == chat.template_hash(tok)
+    assert rep["chat_template"].startswith("plain") and rep["template_hash"] == encoding.template_hash(tok)
     row = load_processed(out)[0]["train"][0]
     assert (row["input_ids"], row["labels"]) == reference(tok, row)
     n = row["labels"].count(-100)

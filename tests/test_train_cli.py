@@ -106,15 +106,15 @@ def _retrained_tokenizer_model(tiny_dir, dest):
 
 def test_dataset_from_a_retrained_tokenizer_of_the_same_size_is_refused(base_argv, processed_tiny, tiny_dir,
                                                                          tmp_path, capsys):
-    from pmcvqa_sft import chat
+    from pmcvqa_sft import encoding
     from pmcvqa_sft.modeling import load_tokenizer
     other_model = _retrained_tokenizer_model(tiny_dir, tmp_path / "retrained")
     mine, theirs = load_tokenizer(str(tiny_dir)), load_tokenizer(str(other_model))
     assert len(mine) == len(theirs) and mine.eos_token_id == theirs.eos_token_id
-    assert chat.template_hash(mine) == chat.template_hash(theirs)
+    assert encoding.template_hash(mine) == encoding.template_hash(theirs)
     report = json.loads((processed_tiny / "preprocess_report.json").read_text())
-    want, got = report["tokenizer_hash"], chat.tokenizer_hash(theirs)
-    assert want == chat.tokenizer_hash(mine) != got
+    want, got = report["tokenizer_hash"], encoding.tokenizer_hash(theirs)
+    assert want == encoding.tokenizer_hash(mine) != got
     argv = list(base_argv)
     argv[argv.index("--model") + 1] = str(other_model)
     code, lines = run_main_in_process(argv, capsys)

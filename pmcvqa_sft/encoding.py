@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Sequence
 
+from . import prompts
+
 IGNORE_INDEX = -100
+MIN_QUESTION_TOKENS = 8     # a question cut shorter than this is useless: skip the row instead
+PREFIX_CHECK_ROWS = 64      # rows per batch tokenized whole to confirm the shared-prefix cut is exact
+NO_HEAD: list[int] = []     # the head of a prompt tokenized whole
 
 # For tokenizers without a chat template (plain base models). Documented in docs/PREPROCESSING.md.
 PLAIN_CHAT_TEMPLATE = (
@@ -95,8 +101,7 @@ def strip_prompt_overlap(prompt_tail: str, content: str) -> str:
 def assistant_turn(prompt: str, generated: str) -> str:
     """The whole assistant turn of a generation: the `<think>\n` that DeepSeek's generation prompt
     already opened (so it is not in the generated text) + the generated text."""
-    from .prompts import THINK_OPEN
-    return (THINK_OPEN if prompt.endswith(THINK_OPEN) else "") + generated
+    return (prompts.THINK_OPEN if prompt.endswith(prompts.THINK_OPEN) else "") + generated
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -164,6 +169,130 @@ class PromptEncoder:
                 self.tokenizer, self._messages(u) + [{"role": "assistant", "content": c}])
             if prompts[i] + targets[i] != ref_ids or [IGNORE_INDEX] * len(prompts[i]) + targets[i] != ref_labels:
                 raise AssertionError(f"fast template path differs from apply_chat_template on row {i}")
+
+
+# ---------------------------------------------------------------- the batched fast path (preprocessing)
+def batch_ids(tokenizer, texts) -> list[list[int]]:
+    """Token ids of many texts without special tokens. Fast tokenizers go straight to the Rust backend
+    (`encode_batch_fast`, no offsets): transformers' per-row Python conversion costs more than the
+    tokenization itself. Same ids as `tokenizer(texts, add_special_tokens=False)`; `verify()` checks."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    # A padded/truncated call such as tok(x, padding="max_length") leaves that state on the backend;
+    # transformers clears it on its next call, and so must we.
+    if backend.padding is not None:
+        backend.no_padding()
+    if backend.truncation is not None:
+        backend.no_truncation()
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+
+class FastPromptEncoder(PromptEncoder):
+    """`PromptEncoder` with the backend batch call and a shared-prefix cache; its inherited
+    `verify()` compares these very methods with the per-row `apply_chat_template` reference.
+
+    Every prompt starts with the same text (BOS, `<｜User｜>`, the instruction, `Question:`), about 40 %
+    of its tokens. That prefix is tokenized once when cutting there is exact: the cut is placed before a
+    space (where byte-level BPE pre-tokenizers always start a new piece), and a sample of rows of each
+    batch is tokenized whole and compared; any difference and the batch is tokenized whole.
+    """
+
+    prefix_batches = prefix_exact = 0
+
+    def prompt_parts(self, user_texts) -> list[tuple[list[int], list[int]]]:
+        """Per row (head, rest) with prompt ids = head + rest; `head` is one list shared by the batch
+        (never modified), so no per-row copy of the common tokens is made."""
+        texts = [self.prompt_text(u) for u in user_texts]
+        cut = os.path.commonprefix(texts).rfind(" ") if len(texts) > 1 else -1
+        if cut > 0:
+            head = batch_ids(self.tokenizer, [texts[0][:cut]])[0]
+            rest = batch_ids(self.tokenizer, [t[cut:] for t in texts])
+            sample = sorted({0, len(texts) - 1, *range(0, len(texts), max(1, len(texts) // PREFIX_CHECK_ROWS))})
+            whole = batch_ids(self.tokenizer, [texts[i] for i in sample])
+            self.prefix_batches += 1
+            if all(head + rest[i] == w for i, w in zip(sample, whole)):
+                self.prefix_exact += 1
+                return [(head, r) for r in rest]
+        return [(NO_HEAD, r) for r in batch_ids(self.tokenizer, texts)]
+
+    def prompt_ids(self, user_texts):
+        return [h + r for h, r in self.prompt_parts(user_texts)]
+
+    def target_ids(self, contents):
+        targets = [strip_prompt_overlap(self.gen_tail, c) for c in contents]
+        return [ids + [self.eos_id] for ids in batch_ids(self.tokenizer, targets)]
+
+
+class RowEncoder:
+    """Record -> (prompt ids, target ids): batched fast path when `create_conversation` gives the
+    plain [system?, user, assistant] shape, else the per-row reference `encode_conversation`."""
+
+    def __init__(self, tokenizer, system_prompt, reasoning, include_caption):
+        self.tok, self.system_prompt = tokenizer, system_prompt
+        self.reasoning, self.include_caption = reasoning, include_caption
+        self.fast = FastPromptEncoder(tokenizer, system_prompt)
+        self.n_sys = 1 if system_prompt else 0
+
+    def messages(self, rec, question=None, caption=None):
+        cap = (rec.caption if caption is None else caption) if self.include_caption else None
+        return prompts.create_conversation(
+            rec.question if question is None else question, rec.choices, rec.answer_label,
+            caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning)
+
+    def _fast_ok(self, msgs) -> bool:
+        roles = [m["role"] for m in msgs]
+        return (roles == ["system"] * self.n_sys + ["user", "assistant"]
+                and (not self.n_sys or msgs[0]["content"] == self.system_prompt))
+
+    def encode(self, msgs_list):
+        """-> (prompts as (head, rest) pairs, target ids incl. EOS)."""
+        if all(self._fast_ok(m) for m in msgs_list):
+            users, contents = [m[-2]["content"] for m in msgs_list], [m[-1]["content"] for m in msgs_list]
+            return _dedup_call(self.fast.prompt_parts, users), _dedup_call(self.fast.target_ids, contents)
+        pairs = [encode_conversation(self.tok, m) for m in msgs_list]  # edited prompt shape
+        prompts_, targets = [], []
+        for ids, labels in pairs:
+            n = labels.count(IGNORE_INDEX)
+            prompts_.append((NO_HEAD, ids[:n]))
+            targets.append(ids[n:])
+        return prompts_, targets
+
+    def verify(self, msgs_list) -> int:
+        """Fast path == per-row apply_chat_template reference on these rows (raises otherwise)."""
+        fast = [m for m in msgs_list if self._fast_ok(m)]
+        if fast:
+            self.fast.verify([m[-2]["content"] for m in fast], [m[-1]["content"] for m in fast])
+        return len(fast)
+
+    def fit(self, rec, prompt, target, max_length):
+        """Shorten caption, then question, until the row fits; (prompt ids, target, what) or None."""
+        prompt = prompt[0] + prompt[1]
+        if len(prompt) + len(target) <= max_length:
+            return prompt, target, None
+        fields = {"caption": (rec.caption or "") if self.include_caption else "", "question": rec.question}
+        for name in ("caption", "question"):
+            toks = encode_text(self.tok, fields[name]) if fields[name] else []
+            floor = 0 if name == "caption" else min(MIN_QUESTION_TOKENS, len(toks))
+            keep = len(toks)
+            while len(prompt) + len(target) > max_length and keep > floor:
+                keep = max(floor, keep - (len(prompt) + len(target) - max_length))
+                fields[name] = self.tok.decode(toks[:keep]).replace("\ufffd", "").strip()
+                ((head, rest),), (target,) = self.encode([self.messages(rec, fields["question"], fields["caption"])])
+                prompt = head + rest
+            if len(prompt) + len(target) <= max_length:
+                return prompt, target, name
+        return None
+
+
+def _dedup_call(fn, texts):
+    """Tokenize each distinct text once (targets repeat a lot: the same answer in many rows)."""
+    uniq = list(dict.fromkeys(texts))
+    if len(uniq) > 0.9 * len(texts):
+        return fn(texts)
+    table = dict(zip(uniq, fn(uniq)))
+    return [table[t] for t in texts]
 
 
 def visualize_mask(tokenizer, input_ids: Sequence[int], labels: Sequence[int], color: bool = False) -> str:

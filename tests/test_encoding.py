@@ -1,11 +1,11 @@
-"""prompts.py and chat.py: the prompt format, token-exact encoding, the fast path, the mask visualiser."""
+"""prompts.py and encoding.py: the prompt format, token-exact encoding, the fast path, the mask visualiser."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 
-from pmcvqa_sft import chat, prompts
+from pmcvqa_sft import encoding, prompts
 
 CHOICES4 = {"A": "Magnetic resonance imaging", "B": "Computed tomography", "C": "Ultrasound", "D": "X-ray"}
 CHOICES3 = {"A": "Red", "B": "Blue", "C": "Green"}
@@ -56,12 +56,12 @@ def test_split_choices_arg():
 # ---------------------------------------------------------------- token-exact encoding (real tokenizer)
 def test_real_tokenizer_encoding_is_token_exact(real_tokenizer):
     tok = real_tokenizer
-    ids, labels = chat.encode_conversation(tok, conv())
-    n_prompt = labels.count(chat.IGNORE_INDEX)
+    ids, labels = encoding.encode_conversation(tok, conv())
+    n_prompt = labels.count(encoding.IGNORE_INDEX)
     assert ids[0] == BOS and ids.count(BOS) == 1                     # exactly one BOS
     assert ids[n_prompt - 3:n_prompt] == [ASSISTANT, THINK, NEWLINE]  # prompt ends <｜Assistant｜><think>\n
     assert ids[-1] == EOS and labels[-1] == EOS                      # EOS trained
-    assert labels[:n_prompt] == [chat.IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert labels[:n_prompt] == [encoding.IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     # The prompt is exactly the tokenizer's own generation prompt, tokenized without added specials.
     ref = tok.apply_chat_template(conv()[:-1], add_generation_prompt=True, tokenize=False)
     assert ids[:n_prompt] == tok(ref, add_special_tokens=False)["input_ids"]
@@ -69,11 +69,11 @@ def test_real_tokenizer_encoding_is_token_exact(real_tokenizer):
 
 
 def test_rendering_whole_conversation_would_lose_reasoning(real_tokenizer):
-    """The trap chat.py avoids: the template drops everything up to </think> from assistant turns."""
+    """The trap encoding.py avoids: the template drops everything up to </think> from assistant turns."""
     full = real_tokenizer.apply_chat_template(conv(reasoning=True), tokenize=False)
     assert "The question asks" not in full
-    ids, labels = chat.encode_conversation(real_tokenizer, conv(reasoning=True))
-    assert "The question asks" in real_tokenizer.decode([t for t in labels if t != chat.IGNORE_INDEX])
+    ids, labels = encoding.encode_conversation(real_tokenizer, conv(reasoning=True))
+    assert "The question asks" in real_tokenizer.decode([t for t in labels if t != encoding.IGNORE_INDEX])
 
 
 @pytest.mark.parametrize("system_prompt", [None, "You are a careful radiologist."])
@@ -84,16 +84,16 @@ def test_fast_path_equals_reference(request, tok_name, system_prompt, reasoning,
     tok = request.getfixturevalue(tok_name)
     msgs = [conv(c, lab, caption, system_prompt, reasoning)
             for c, lab in ((CHOICES4, "D"), (CHOICES3, "C"), (CHOICES2, "A"))]
-    enc = chat.PromptEncoder(tok, system_prompt)
+    enc = encoding.PromptEncoder(tok, system_prompt)
     users, contents = [m[-2]["content"] for m in msgs], [m[-1]["content"] for m in msgs]
     enc.verify(users, contents)
     for m, p, t in zip(msgs, enc.prompt_ids(users), enc.target_ids(contents)):
-        ids, labels = chat.encode_conversation(tok, m)
-        assert p + t == ids and [chat.IGNORE_INDEX] * len(p) + t == labels
+        ids, labels = encoding.encode_conversation(tok, m)
+        assert p + t == ids and [encoding.IGNORE_INDEX] * len(p) + t == labels
 
 
 def test_verify_catches_a_wrong_fast_path(tiny_tokenizer):
-    enc = chat.PromptEncoder(tiny_tokenizer)
+    enc = encoding.PromptEncoder(tiny_tokenizer)
     enc.head = enc.head + " "  # a template change the fast path missed
     m = conv()
     with pytest.raises(AssertionError, match="differs"):
@@ -101,8 +101,8 @@ def test_verify_catches_a_wrong_fast_path(tiny_tokenizer):
 
 
 def test_tiny_tokenizer_has_the_real_format(tiny_tokenizer):
-    ids, labels = chat.encode_conversation(tiny_tokenizer, conv())
-    n = labels.count(chat.IGNORE_INDEX)
+    ids, labels = encoding.encode_conversation(tiny_tokenizer, conv())
+    n = labels.count(encoding.IGNORE_INDEX)
     assert ids[0] == tiny_tokenizer.bos_token_id and ids.count(tiny_tokenizer.bos_token_id) == 1
     assert tiny_tokenizer.decode(ids[:n]).endswith("<｜Assistant｜><think>\n")
     assert ids[-1] == labels[-1] == tiny_tokenizer.eos_token_id
@@ -112,35 +112,35 @@ def test_tiny_tokenizer_has_the_real_format(tiny_tokenizer):
 def test_plain_template_for_tokenizers_without_one(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = None
-    chat.ensure_chat_template(tok)
-    assert tok.chat_template == chat.PLAIN_CHAT_TEMPLATE
-    prompt = chat.render_prompt(tok, conv(system_prompt="Be brief."))
+    encoding.ensure_chat_template(tok)
+    assert tok.chat_template == encoding.PLAIN_CHAT_TEMPLATE
+    prompt = encoding.render_prompt(tok, conv(system_prompt="Be brief."))
     assert prompt.startswith(tok.bos_token + "Be brief.\n\n### Question:\n")
     assert prompt.endswith("\n\n### Response:\n")
-    ids, labels = chat.encode_conversation(tok, conv())
-    n = labels.count(chat.IGNORE_INDEX)
+    ids, labels = encoding.encode_conversation(tok, conv())
+    n = labels.count(encoding.IGNORE_INDEX)
     # Nothing of the think block is in this prompt, so the whole assistant turn is trained.
     assert tok.decode(ids[n:-1]) == "<think>\n\n</think>\n\nAnswer: B. Computed tomography"
-    enc = chat.PromptEncoder(tok)
+    enc = encoding.PromptEncoder(tok)
     m = conv()
     enc.verify([m[-2]["content"]], [m[-1]["content"]])
-    assert chat.template_hash(tok) != chat.template_hash(tiny_tokenizer)
+    assert encoding.template_hash(tok) != encoding.template_hash(tiny_tokenizer)
 
 
 def test_strip_prompt_overlap():
-    assert chat.strip_prompt_overlap("<｜Assistant｜><think>\n", "<think>\n\n</think>") == "\n</think>"
-    assert chat.strip_prompt_overlap("### Response:\n", "<think>\nx") == "<think>\nx"
+    assert encoding.strip_prompt_overlap("<｜Assistant｜><think>\n", "<think>\n\n</think>") == "\n</think>"
+    assert encoding.strip_prompt_overlap("### Response:\n", "<think>\nx") == "<think>\nx"
 
 
 # ---------------------------------------------------------------- mask visualiser
 def test_visualize_mask_marks_exactly_the_target(tiny_tokenizer):
     tok = tiny_tokenizer
-    ids, labels = chat.encode_conversation(tok, conv())
-    n = labels.count(chat.IGNORE_INDEX)
-    shown = chat.visualize_mask(tok, ids, labels)
+    ids, labels = encoding.encode_conversation(tok, conv())
+    n = labels.count(encoding.IGNORE_INDEX)
+    shown = encoding.visualize_mask(tok, ids, labels)
     assert shown == tok.decode(ids[:n], skip_special_tokens=False) + "⟦" + \
         tok.decode(ids[n:], skip_special_tokens=False) + "⟧"
     assert shown.count("⟦") == 1 and shown.endswith("Answer: B. Computed tomography<｜end▁of▁sentence｜>⟧")
-    colored = chat.visualize_mask(tok, ids, labels, color=True)
+    colored = encoding.visualize_mask(tok, ids, labels, color=True)
     assert "⟦" not in colored and colored.endswith("<｜end▁of▁sentence｜>\x1b[0m")
     assert colored.count("\x1b[1;32m") == 1
