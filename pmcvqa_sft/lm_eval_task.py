@@ -39,7 +39,7 @@ def score_documents(tokenizer, rows, report: dict, card_system_prompt=None, lett
     continuations decoded from the ids `answers.build_score_rows` gives the scorer."""
     from . import evaluation
     from .answers import ScoreItem, build_score_rows
-    from .chat import PromptEncoder, encode_text
+    from .encoding import PromptEncoder, encode_text
 
     system_prompt, include_caption = evaluation.dataset_prompt_settings(report, card_system_prompt)
     items = [ScoreItem(evaluation._user_text(r, include_caption), r["choices"]) for r in rows]

@@ -94,7 +94,7 @@ def check_port_free(host: str, port: int) -> None:
 def served_chat_template(tokenizer, system_prompt: str | None) -> str:
     """The training chat template; with a run-card system prompt it becomes the default system turn
     (a request that sends its own system message keeps it), exactly as `answer_question` builds it."""
-    from .chat import ensure_chat_template
+    from .encoding import ensure_chat_template
     tmpl = ensure_chat_template(tokenizer).chat_template
     if isinstance(tmpl, dict):
         raise InputError("the tokenizer has several named chat templates; serving needs one")
@@ -110,7 +110,7 @@ def response_template(tokenizer, chat_template: str) -> dict | None:
     """`tokenizer.response_template` for `transformers serve`: the generation prompt opens the think
     block (DeepSeek's `<｜Assistant｜><think>\\n`), so the reply is reasoning up to `</think>`, then the
     answer up to EOS. None when the template does not open a think block (the text is returned raw)."""
-    from .chat import _generation_tail
+    from .encoding import _generation_tail
     saved = tokenizer.chat_template
     try:
         tokenizer.chat_template = chat_template

@@ -112,7 +112,7 @@ def test_vllm_command_carries_the_run_settings(adapter_dir, tmp_path):
 
 
 def test_served_template_injects_the_run_card_system_prompt(tiny_tokenizer):
-    from pmcvqa_sft.chat import render_prompt
+    from pmcvqa_sft.encoding import render_prompt
     from pmcvqa_sft.serving import served_chat_template
     tok = __import__("copy").deepcopy(tiny_tokenizer)
     user = [{"role": "user", "content": "Q?"}]
@@ -195,7 +195,7 @@ def test_openai_client_gets_the_answer_question_answer(served, adapter_dir, know
     from openai import OpenAI
 
     from pmcvqa_sft.answers import extract_answer
-    from pmcvqa_sft.chat import encode_text, render_prompt
+    from pmcvqa_sft.encoding import encode_text, render_prompt
     from pmcvqa_sft.inference import answer_question, build_messages
     from pmcvqa_sft.modeling import load_tokenizer
     srv, base_url, port, _ = served
