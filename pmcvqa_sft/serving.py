@@ -131,17 +131,16 @@ def response_template(tokenizer, chat_template: str) -> dict | None:
 def generation_defaults(model_dir, tokenizer) -> dict:
     """generation_config.json content: the model's own sampling settings (as `answer_question` uses
     them via `GenerationSettings.from_model`), the toolkit's new-token limit, EOS and pad."""
+    from types import SimpleNamespace
+
     from transformers import GenerationConfig
 
     from .generation import GenerationSettings
     try:
         gc = GenerationConfig.from_pretrained(str(model_dir))
-    except OSError:
+    except OSError:  # no generation_config.json: transformers' defaults, as for the loaded model
         gc = GenerationConfig()
-
-    class _M:  # GenerationSettings reads model.generation_config
-        generation_config = gc
-    s = GenerationSettings.from_model(_M())
+    s = GenerationSettings.from_model(SimpleNamespace(generation_config=gc))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = {**{k: v for k, v in gc.to_diff_dict().items() if k != "transformers_version"},
            "do_sample": s.do_sample, "max_new_tokens": s.max_new_tokens,
@@ -156,20 +155,20 @@ def generation_defaults(model_dir, tokenizer) -> dict:
 
 
 def write_serving_files(folder: Path, tokenizer, system_prompt: str | None, model_dir=None) -> dict:
-    """Write the chat template file, the generation config and the tokenizer (template + response
-    template) into `folder`; returns the generation settings written."""
+    """Chat template file + generation_config.json into `folder`. Without `model_dir`, `folder` is a
+    merged model: its generation config is the starting point, and its tokenizer is re-saved with the
+    served chat template and the response template (what `transformers serve` loads)."""
+    import copy
     folder.mkdir(parents=True, exist_ok=True)
     tmpl = served_chat_template(tokenizer, system_prompt)
     gen = generation_defaults(model_dir or folder, tokenizer)
-    (folder / CHAT_TEMPLATE_FILE).write_text(tmpl, encoding="utf-8")
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    if model_dir is None:  # a merged model folder: its tokenizer is what the server loads
-        import copy
+    if model_dir is None:
         tok = copy.deepcopy(tokenizer)
         tok.chat_template = tmpl
         tok.response_template = response_template(tokenizer, tmpl)
         tok.save_pretrained(str(folder))
-        (folder / CHAT_TEMPLATE_FILE).write_text(tmpl, encoding="utf-8")  # save_pretrained may rewrite it
+    (folder / CHAT_TEMPLATE_FILE).write_text(tmpl, encoding="utf-8")
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return gen
 
 

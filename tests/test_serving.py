@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -91,6 +90,16 @@ def test_port_in_use_is_one_line(adapter_dir, capsys):
         port = s.getsockname()[1]
         code, _, err = _cli(["--adapter", str(adapter_dir), "--serve", "--port", str(port)], capsys)
     assert code == 2 and f"127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_engine_dying_before_ready_is_one_line_and_open_host_warns(tmp_path):
+    from pmcvqa_sft import serving
+    from pmcvqa_sft.errors import InputError
+    said = []
+    with pytest.raises(InputError, match="exited with code 3 before it was ready"):
+        serving.run_engine([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path, "0.0.0.0", _free_port(),
+                           "m", "test", ready_timeout=HANG_GUARD, log=said.append)
+    assert any(x.startswith("WARNING: binding to 0.0.0.0") and "no authentication" in x for x in said)
 
 
 def test_vllm_command_carries_the_run_settings(adapter_dir, tmp_path):
