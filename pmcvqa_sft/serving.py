@@ -214,44 +214,46 @@ class Prepared:
     reused: bool
 
 
+def _run_facts(adapter: str, model: str | None, name: str | None):
+    """(base, training tokenizer, adapter dir, run-card system prompt, served name, cache key)."""
+    from . import inference
+    base, tokenizer, adir, card = inference._base_and_tokenizer(model, adapter)
+    system_prompt = inference._card_system_prompt(card)
+    key = adapter_key(adir, inference.training_files(adir)[0], base, system_prompt)
+    return base, tokenizer, adir, system_prompt, name or run_name(adapter, adir), key
+
+
 def prepare_merged(adapter: str, model: str | None, cache_dir, name: str | None = None, log=print) -> Prepared:
     """Merge base + adapter into `cache_dir/<key>/<name>` once; reuse it while the key is unchanged."""
     from . import inference
-    base, tokenizer, adir, card = inference._base_and_tokenizer(model, adapter)
-    tok_dir, _ = inference.training_files(adir)
-    system_prompt = inference._card_system_prompt(card)
-    name = name or run_name(adapter, adir)
-    key = adapter_key(adir, tok_dir, base, system_prompt)
+    base, tokenizer, adir, system_prompt, name, key = _run_facts(adapter, model, name)
     entry = Path(cache_dir).expanduser() / key[:16]
-    if (entry / KEY_FILE).is_file() and (entry / name / "config.json").is_file():
-        log(f"reusing the merged model in {entry / name} (adapter unchanged)")
-        return Prepared(name, entry / name, entry, base, True)
-    if entry.exists() and not (entry / KEY_FILE).is_file():
-        raise InputError(f"cache folder '{entry}' exists but was not written by --serve; remove it")
-    log(f"merging {adir} into {base} once for serving (cached in {entry})")
-    with atomic_dir(entry) as tmp:
-        if (entry / KEY_FILE).is_file():  # same adapter, another served name: reuse the weights
-            shutil.copytree(entry, tmp, dirs_exist_ok=True)
+    out = entry / name
+    if (out / KEY_FILE).is_file() and (out / "config.json").is_file():
+        log(f"reusing the merged model in {out} (adapter unchanged)")
+        return Prepared(name, out, entry, base, True)
+    if out.exists():
+        raise InputError(f"cache folder '{out}' exists but is no complete --serve merge; remove it")
+    log(f"merging {adir} into {base} once for serving (cached in {out})")
+    with atomic_dir(out) as tmp:
         # its "written to" line would name the temporary folder
-        inference.merge_and_save(adapter, tmp / name, model=model, overwrite=True,
+        inference.merge_and_save(adapter, tmp / "m", model=model, overwrite=True,
                                  log=lambda m: None if m.startswith("merged model written") else log(m))
-        write_serving_files(tmp / name, tokenizer, system_prompt)
+        for f in (tmp / "m").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "m").rmdir()
+        write_serving_files(tmp, tokenizer, system_prompt)
         (tmp / KEY_FILE).write_text(json.dumps({"key": key, "adapter": str(adir.resolve()), "base": base,
                                                 "format": SERVE_FORMAT}, indent=2))
-    return Prepared(name, entry / name, entry, base, False)
+    return Prepared(name, out, entry, base, False)
 
 
 def prepare_vllm(adapter: str, model: str | None, cache_dir, name: str | None = None, log=print) -> Prepared:
     """No merge: vLLM applies the LoRA itself. Writes the chat template and generation config folder."""
-    from . import inference
-    base, tokenizer, adir, card = inference._base_and_tokenizer(model, adapter)
-    tok_dir, _ = inference.training_files(adir)
-    system_prompt = inference._card_system_prompt(card)
-    name = name or run_name(adapter, adir)
-    key = adapter_key(adir, tok_dir, base, system_prompt)
+    from .modeling import resolve_name
+    base, tokenizer, adir, system_prompt, name, key = _run_facts(adapter, model, name)
     entry = Path(cache_dir).expanduser() / f"vllm-{key[:16]}"
     with atomic_dir(entry) as tmp:
-        from .modeling import resolve_name
         write_serving_files(tmp, tokenizer, system_prompt, model_dir=resolve_name(base))
     return Prepared(name, adir, entry, base, False)
 

@@ -14,17 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_inference import LR, N_TRAIN, STEPS, one_thread
+# the tiny adapter that answers the sample's first test questions, shared with tests/test_inference.py
+from tests.test_inference import adapter_dir, known_rows, one_thread  # noqa: F401  (pytest fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ROWS = 40  # the 16 questions the adapter learnt and 24 it did not: an accuracy that is neither 0 nor 1
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_dir) -> Path:
-    from bench.bench_eval import sample_rows, train_quick_adapter
-    with one_thread():
-        return train_quick_adapter(tiny_dir, STEPS, rows=sample_rows("test")[:N_TRAIN], lr=LR)
 
 
 @pytest.fixture(scope="module")

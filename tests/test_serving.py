@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_inference import LR, N_TRAIN, STEPS, one_thread  # noqa: F401  (shared tiny adapter recipe)
+# the tiny adapter that answers the sample's first test questions, shared with tests/test_inference.py
+from tests.test_inference import adapter_dir, known_rows, one_thread  # noqa: F401  (pytest fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_1T = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -33,19 +34,6 @@ def _need(*modules):
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed: pip install -r requirements-test.txt")
-
-
-@pytest.fixture(scope="module")
-def known_rows():
-    from bench.bench_eval import sample_rows
-    return sample_rows("test")[:N_TRAIN]
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_dir, known_rows) -> Path:
-    from bench.bench_eval import train_quick_adapter
-    with one_thread():
-        return train_quick_adapter(tiny_dir, STEPS, rows=known_rows, lr=LR)
 
 
 def _free_port() -> int:
