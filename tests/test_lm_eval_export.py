@@ -93,3 +93,46 @@ def test_lm_eval_acc_equals_the_toolkit_score_accuracy(exported, adapter_dir, pr
         offsets = [a - b for a, b in zip(ll, p["logprob"].values())]
         assert max(offsets) - min(offsets) < 2e-3, (s["doc_id"], offsets)
         assert s["doc"]["letters"][ll.index(max(ll))] == p["pred"]
+
+
+def test_export_scores_what_evaluate_scores_on_truncated_rows(adapter_dir, tiny_dir, tmp_path, monkeypatch):
+    """On a dataset whose long questions were shortened at preprocessing, the stored (trained) prompt and
+    a prompt rebuilt from the stored question text differ. Whichever the evaluation scores, the export
+    must hold the same tokens: the scorer's inputs are recorded (the real scorer runs) and compared."""
+    from datasets import load_from_disk
+
+    from pmcvqa_sft import answers, prompts
+    from pmcvqa_sft.encoding import PromptEncoder, encode_text
+    from pmcvqa_sft.evaluation import run_evaluation
+    from pmcvqa_sft.inference import load_for_inference
+    from pmcvqa_sft.lm_eval_task import export
+    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.preprocess import run_preprocess
+    data = tmp_path / "data"
+    run_preprocess(data=str(ROOT / "data" / "sample"), tokenizer_name=str(tiny_dir), output_dir=str(data),
+                   max_length=92, max_samples=200, progress=False)
+    tok = load_tokenizer(str(adapter_dir))
+    enc = PromptEncoder(tok, None)
+    stored_differs = 0
+    for r in load_from_disk(str(data))["test"]:
+        n = next(i for i, x in enumerate(r["labels"]) if x != -100)
+        stored_differs += r["input_ids"][:n] != enc.prompt_ids([prompts.format_user_prompt(r["question"],
+                                                                                             r["choices"])])[0]
+    assert stored_differs > 0  # the case this test is about is really present
+
+    scored = []
+    real = answers._score_batch
+
+    def record(model, pad_id, batch):
+        scored.extend((tuple(p), tuple(map(tuple, t))) for p, _letters, t, _nb in batch)
+        return real(model, pad_id, batch)
+
+    monkeypatch.setattr(answers, "_score_batch", record)
+    loaded = load_for_inference(None, str(adapter_dir), "none", log=lambda *_: None)
+    with one_thread():
+        run_evaluation(loaded, data, "test", batch_size=16, method="score", log=lambda *_: None)
+    out = export(tmp_path / "task", data, "test", adapter=str(adapter_dir), log=lambda *_: None)
+    docs = [json.loads(x) for x in (out / "pmcvqa_test.jsonl").read_text().splitlines()]
+    exported = [(tuple(encode_text(tok, d["context"])), tuple(tuple(encode_text(tok, c)) for c in d["choices"]))
+                for d in docs]
+    assert len(exported) == len(scored) and sorted(exported) == sorted(scored)
