@@ -248,6 +248,26 @@ def test_bad_request_is_4xx_and_the_server_keeps_serving(served, known_rows):
         assert r.status == 200 and json.loads(r.read())["choices"][0]["message"]["content"]
 
 
+def test_served_tokenizer_splits_reasoning_from_the_answer(served, known_rows):
+    """A model that writes a rationale: the server's own parser (the one behind /v1/chat/completions)
+    returns it as reasoning_content and the answer line as content."""
+    from types import SimpleNamespace
+
+    from transformers.cli.serving.utils import parse_assistant_message
+
+    from pmcvqa_sft.encoding import encode_text, render_prompt
+    from pmcvqa_sft.modeling import load_tokenizer
+    _srv, _url, _port, cache = served
+    tok = load_tokenizer(str(next(Path(cache).glob("*/tiny-run"))))
+    _row, user = _question(known_rows)
+    prompt = encode_text(tok, render_prompt(tok, [{"role": "user", "content": user}]))
+    reply = encode_text(tok, "Iron stains blue.\n</think>\n\nAnswer: D. Prussian blue") + [tok.eos_token_id]
+    llama = SimpleNamespace(config=SimpleNamespace(model_type="llama"))
+    content, reasoning, calls = parse_assistant_message(tok, llama, reply, input_ids=[prompt])
+    assert reasoning.strip() == "Iron stains blue." and content.strip() == "Answer: D. Prussian blue"
+    assert calls is None
+
+
 def test_server_stops_cleanly_and_the_merge_is_reused(served, adapter_dir):
     srv, base_url, port, cache = served
     assert srv.stop() == 0
