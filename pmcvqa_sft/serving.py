@@ -252,10 +252,13 @@ def prepare_vllm(adapter: str, model: str | None, cache_dir, name: str | None = 
     """No merge: vLLM applies the LoRA itself. Writes the chat template and generation config folder."""
     from .modeling import resolve_name
     base, tokenizer, adir, system_prompt, name, key = _run_facts(adapter, model, name)
-    entry = Path(cache_dir).expanduser() / f"vllm-{key[:16]}"
+    # vLLM runs in `entry`: every path it gets is absolute
+    entry = Path(cache_dir).expanduser().resolve() / f"vllm-{key[:16]}"
+    base = resolve_name(base)
+    base = str(Path(base).resolve()) if Path(base).exists() else base
     with atomic_dir(entry) as tmp:
-        write_serving_files(tmp, tokenizer, system_prompt, model_dir=resolve_name(base))
-    return Prepared(name, adir, entry, base, False)
+        write_serving_files(tmp, tokenizer, system_prompt, model_dir=base)
+    return Prepared(name, adir.resolve(), entry, base, False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,15 +284,15 @@ def _lora_rank(adapter_dir: Path) -> int:
 
 def vllm_command(prep: Prepared, host: str, port: int) -> list[str]:
     """`vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER` with the run's template and settings."""
-    from . import inference, modeling
+    from . import inference
     tok_dir, _ = inference.training_files(prep.model_dir)
-    cmd = ["vllm", "serve", modeling.resolve_name(prep.base), "--host", host, "--port", str(port),
+    cmd = ["vllm", "serve", prep.base, "--host", host, "--port", str(port),
            "--enable-lora", "--lora-modules", f"{prep.name}={prep.model_dir}",
            "--max-lora-rank", str(_lora_rank(prep.model_dir)),
            "--chat-template", str(prep.workdir / CHAT_TEMPLATE_FILE),
            "--generation-config", str(prep.workdir)]
     if tok_dir is not None:
-        cmd += ["--tokenizer", str(tok_dir)]
+        cmd += ["--tokenizer", str(tok_dir.resolve())]
     if (prep.workdir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8").find(prompts.THINK_OPEN.strip()) >= 0:
         cmd += ["--reasoning-parser", "deepseek_r1"]
     return cmd
@@ -338,16 +341,22 @@ def usage_lines(base_url: str, name: str) -> list[str]:
     ]
 
 
+def _kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    """Signal the engine's whole process group (it runs in its own session)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _stop(proc: subprocess.Popen, grace: float = 30.0) -> int:
+    """SIGTERM (uvicorn and vLLM shut down cleanly on it), SIGKILL after `grace` seconds."""
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _kill(proc, signal.SIGTERM)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill(proc)
             proc.wait()
     return proc.returncode
 
@@ -381,7 +390,9 @@ def run_engine(cmd: list[str], cwd: Path, host: str, port: int, name: str, engin
             raise InputError(f"the engine stopped by itself with code {code} (its output is above)")
         return 0
     except KeyboardInterrupt:
-        log("stopping the engine ...")
+        log("stopping the engine ... (Ctrl-C again kills it)")
+        for s in old:
+            signal.signal(s, lambda *_: _kill(proc))
         _stop(proc)
         log("engine stopped")
         return 0
@@ -399,7 +410,7 @@ def serve(adapter: str, model: str | None = None, engine: str = "transformers", 
     """The whole --serve job. Returns the exit code (0 after a clean stop)."""
     check_serve_args(engine, host, port, ready_timeout)
     check_port_free(host, port)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()).resolve()
     if engine == "vllm":
         if quantization not in (None, "none"):
             raise InputError("--engine vllm serves the base in its stored dtype; drop --quantization "

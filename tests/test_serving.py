@@ -90,14 +90,17 @@ def test_engine_dying_before_ready_is_one_line_and_open_host_warns(tmp_path):
     assert any(x.startswith("WARNING: binding to 0.0.0.0") and "no authentication" in x for x in said)
 
 
-def test_vllm_command_carries_the_run_settings(adapter_dir, tmp_path):
+def test_vllm_command_carries_the_run_settings(adapter_dir, tmp_path, monkeypatch):
     from pmcvqa_sft import serving
     from pmcvqa_sft.modeling import load_tokenizer
-    prep = serving.prepare_vllm(str(adapter_dir), None, tmp_path, name="my-run", log=lambda *_: None)
+    monkeypatch.chdir(tmp_path)
+    prep = serving.prepare_vllm(str(adapter_dir), None, "cache", name="my-run", log=lambda *_: None)
     cmd = serving.vllm_command(prep, "127.0.0.1", 8123)
     assert cmd[:3] == ["vllm", "serve", json.loads((adapter_dir / "adapter_config.json").read_text())
                        ["base_model_name_or_path"]]
-    assert cmd[cmd.index("--lora-modules") + 1] == f"my-run={adapter_dir}" and "--enable-lora" in cmd
+    assert cmd[cmd.index("--lora-modules") + 1] == f"my-run={adapter_dir.resolve()}" and "--enable-lora" in cmd
+    for flag in ("--chat-template", "--generation-config", "--tokenizer"):  # vLLM runs in another folder
+        assert Path(cmd[cmd.index(flag) + 1]).is_absolute()
     assert int(cmd[cmd.index("--max-lora-rank") + 1]) >= 16
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8123"
     tok = load_tokenizer(str(adapter_dir))
