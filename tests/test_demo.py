@@ -33,7 +33,7 @@ def test_demo_pipeline_tuned_beats_base(tmp_path, tiny_dir):
           "--quantization", "8bit", "--max_steps", str(STEPS), "--learning_rate", "1e-3",
           "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
           "--no-gradient_checkpointing", "--eval_steps", "200", "--logging_steps", "25",
-          "--report_to", "none", "--no_progress"])
+          "--report_to", "none", "--no-progress"])
     card = json.loads((model / "run_card.json").read_text())
     # evaluated unquantized to keep the test short (`make demo` evaluates the 8-bit base)
     out = _run(["inference_example.py", "--adapter", str(model), "--quantization", "none", "--evaluate",

@@ -1,6 +1,6 @@
 """Inference and evaluation on the tiny model with a LoRA adapter trained to answer directly (CPU).
 
-The adapter comes from `bench.bench_eval.train_quick_adapter` (plain PEFT loop, cached under artifacts/,
+The adapter comes from `pmcvqa_sft.quick_adapter.train_quick_adapter` (plain PEFT loop, cached under artifacts/,
 so it is trained once per machine). It is trained on the first 16 questions of the sample's test file
 until it answers them: the tiny model trained on the whole sample learns which choice TEXT is right but
 not which LETTER holds it (DESIGN.md: letters are too hard for it), so its greedy letter would not
@@ -46,13 +46,13 @@ def _one_thread_module():
 
 @pytest.fixture(scope="session")
 def known_rows():
-    from bench.bench_eval import sample_rows
+    from pmcvqa_sft.quick_adapter import sample_rows
     return sample_rows("test")[:N_TRAIN]
 
 
 @pytest.fixture(scope="session")
 def adapter_dir(tiny_dir, known_rows) -> Path:
-    from bench.bench_eval import train_quick_adapter
+    from pmcvqa_sft.quick_adapter import train_quick_adapter
     with one_thread():
         return train_quick_adapter(tiny_dir, STEPS, rows=known_rows, lr=LR)
 
