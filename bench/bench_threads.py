@@ -63,7 +63,7 @@ def run_case(threads: int, busy: int, steps: int, max_s: float) -> dict:
     hogs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(busy)]
     try:
         env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   OMP_NUM_THREADS=str(threads))
+                   OMP_NUM_THREADS=str(threads), PMCVQA_THREADS=str(threads))  # explicit: wins over threads.py's rule
         load0 = os.getloadavg()[0]
         res = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps), str(max_s)], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=max_s + 600)

@@ -7,8 +7,10 @@ training step was 10-15x slower with 2 threads than with 1, and 1 thread was nev
 this toolkit runs on the CPU are the embedded tiny model (hidden size 128: too small to split over
 threads usefully) and, rarely, an 8B model on a many-core server.
 
+Applied by `modeling.load_model` (every script and test that loads a model) and by training's setup.
 Rule (`choose_threads`):
-- an explicit value wins: `--threads N` on the scripts, else the environment variable PMCVQA_THREADS;
+- an explicit value wins: `--threads N` on the scripts (remembered for the rest of the process), else
+  the environment variable PMCVQA_THREADS;
 - otherwise 1 thread for the embedded tiny model, and 1 thread on a CPU-only machine with few cores
   (<= SMALL_MACHINE_CORES), where a busy neighbour makes more threads slower, not faster;
 - otherwise torch's own default (a GPU run, or a CPU server with many cores and a big model).
@@ -34,9 +36,14 @@ def _is_tiny(model_name) -> bool:
         return False
 
 
+_explicit: int | None = None  # a --threads given earlier in this process wins over later automatic choices
+
+
 def choose_threads(model_name=None, threads: int | None = None) -> int | None:
     """The intra-op thread count to use, or None to keep torch's default (see the module docstring)."""
     from .errors import InputError
+    if threads is None:
+        threads = _explicit
     if threads is None and os.environ.get(ENV, "").strip():
         raw = os.environ[ENV].strip()
         try:
@@ -58,7 +65,10 @@ def choose_threads(model_name=None, threads: int | None = None) -> int | None:
 def configure_threads(model_name=None, threads: int | None = None) -> int:
     """Apply `choose_threads`; returns the thread count torch now uses."""
     import torch
+    global _explicit
     n = choose_threads(model_name, threads)
+    if threads is not None:
+        _explicit = n
     if n is not None and torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return torch.get_num_threads()

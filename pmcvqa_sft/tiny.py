@@ -111,7 +111,7 @@ def _pretrain(model, tokenizer, sentences, log=print):
                                               0.5 * (1 + math.cos(math.pi * s / cfg["steps"])))
     model.train()
     order: list[int] = []
-    bar = tqdm(range(cfg["steps"]), desc="pretraining tiny base", leave=False)
+    bar = tqdm(range(cfg["steps"]), desc="pretraining tiny base", leave=False, disable=None)  # None: off in logs
     for step in bar:
         if len(order) < cfg["batch_size"]:
             order += rng.sample(range(len(rows)), len(rows))

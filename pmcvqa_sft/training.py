@@ -24,14 +24,12 @@ import json
 import os
 import shutil
 import signal
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 from .collate import (LENGTH_COLUMN, ROW_ID_KEY, EpochLengthGroupedSampler, SFTCollator, add_length_column,
                       lengths_of)
-from .atomic import replace_dir, write_json
+from .atomic import disk_full_is_input_error, make_temp_dir, replace_dir, write_json
 from .dataset_io import ADAPTER_DIR, RUN_CARD
 from .errors import InputError
 from .train_options import TrainOptions  # noqa: F401  (the options' schema; re-exported)
@@ -168,6 +166,12 @@ def build_model(o: TrainOptions, tokenizer, log=print):
     sharded = sharded_training()
     model = load_model(o.model, o.quantization, device_map=device_map_for_process(), sharded=sharded)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    # The pad id only fills padding, which the collator masks by position. Setting it where the model's
+    # configs leave it unset (the tiny model, R1's generation_config) saves Trainer's notice that it
+    # "aligned the PAD/BOS/EOS tokens", printed on every run otherwise.
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = tokenizer.pad_token_id
     gc_kwargs = {"use_reentrant": False}
     # Sharded QLoRA skips the fp32 upcast: FSDP / ZeRO-3 need every weight in the one storage dtype.
     if o.quantization != "none" and not sharded:
@@ -253,7 +257,7 @@ def training_arguments(o: TrainOptions, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
-    from .modeling import compute_dtype
+    from .modeling import compute_dtype, progress_bars_wanted
     save_steps = o.save_steps or o.eval_steps
     if o.report_to == "tensorboard":
         # transformers 5 takes the TensorBoard folder from the environment only
@@ -279,8 +283,7 @@ def training_arguments(o: TrainOptions, has_eval: bool):
         remove_unused_columns=False, train_sampling_strategy="group_by_length",
         length_column_name=LENGTH_COLUMN, ddp_find_unused_parameters=False,
         report_to=[o.report_to] if o.report_to and o.report_to != "none" else "none",
-        use_cpu=_cpu_only(), disable_tqdm=not (o.progress and sys.stderr.isatty()),  # no bar fragments in logs
-        dataloader_num_workers=0,
+        use_cpu=_cpu_only(), disable_tqdm=not progress_bars_wanted(o.progress), dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available())
 
 
@@ -289,7 +292,7 @@ def training_arguments(o: TrainOptions, has_eval: bool):
 def save_adapter(model, tokenizer, out: Path, base_name: str) -> Path:
     """adapter weights + config + tokenizer into `out/adapter`, via a temp folder and renames."""
     final = out / ADAPTER_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=out))
+    tmp = make_temp_dir(f".{ADAPTER_DIR}.", out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -297,8 +300,6 @@ def save_adapter(model, tokenizer, out: Path, base_name: str) -> Path:
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = base_name  # the id/folder actually trained on, for AutoPeft*
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        for f in [tmp, *tmp.iterdir()]:
-            f.chmod(0o755 if f.is_dir() else 0o644)
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -396,7 +397,9 @@ def run_training(o: TrainOptions, log=print) -> dict:
     if run.resume:
         log(f"resuming from {run.resume}")
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=run.resume)
+    with disk_full_is_input_error(out, needed=_checkpoint_bytes(out), cleanup=lambda: _drop_partial(out, state),
+                                  hint="; free some space and rerun with --resume_from_checkpoint auto"):
+        result = trainer.train(resume_from_checkpoint=run.resume)
     wall = time.perf_counter() - t0
     share = trainer.real_tokens / trainer.computed_tokens if trainer.computed_tokens else None
     log(f"real-token share of computed training tokens: {share:.2%}" if share is not None else
@@ -424,12 +427,32 @@ def run_training(o: TrainOptions, log=print) -> dict:
     }
     if state.is_main_process:
         from .plots import plot_loss_curve
-        save_adapter(trainer.model, run.tokenizer, out, resolve_name(o.model))
-        plot_loss_curve(history, out / LOSS_PNG, title=f"LoRA SFT of {o.model}")
-        write_json(out / RUN_CARD, card, default=str)
+        with disk_full_is_input_error(out, hint="; the checkpoints are kept: free some space and rerun with "
+                                                "--resume_from_checkpoint auto"):
+            save_adapter(trainer.model, run.tokenizer, out, resolve_name(o.model))
+            plot_loss_curve(history, out / LOSS_PNG, title=f"LoRA SFT of {o.model}")
+            write_json(out / RUN_CARD, card, default=str)
         log(f"adapter: {out / ADAPTER_DIR}; run card: {out / RUN_CARD}; loss curve: {out / LOSS_PNG}")
     state.wait_for_everyone()
     return card
+
+
+def _checkpoint_bytes(out: Path) -> int | None:
+    """Size of the newest complete checkpoint: about what the next save needs."""
+    from .checkpoints import newest_complete
+    ckpt = newest_complete(out)[0]
+    return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) if ckpt else None
+
+
+def _drop_partial(out: Path, state) -> None:
+    """After a failed save: remove the partial newest checkpoint(s), which also frees their space."""
+    from .checkpoints import checkpoint_problem, list_checkpoints
+    if not state.is_main_process:
+        return
+    for ckpt in list_checkpoints(out):
+        if checkpoint_problem(ckpt) is None:
+            break
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _series(history: list[dict], key: str) -> list[tuple[int, float]]:

@@ -86,3 +86,14 @@ def test_resume_auto_continues_from_the_older_checkpoint(two_checkpoints, proces
     assert json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6  # saved anew
     from pmcvqa_sft.checkpoints import checkpoint_problem
     assert checkpoint_problem(run / "checkpoint-6") is None
+
+
+def test_adapter_folder_has_ordinary_permissions(two_checkpoints):
+    import os
+    import stat
+    mask = os.umask(0o022)
+    os.umask(mask)
+    adapter = two_checkpoints / "adapter"
+    assert stat.S_IMODE(adapter.stat().st_mode) == 0o777 & ~mask
+    for f in adapter.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
