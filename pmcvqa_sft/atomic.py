@@ -28,9 +28,20 @@ def make_temp_dir(prefix: str, parent) -> Path:
     return tmp
 
 
+def ordinary_modes(root: Path) -> None:
+    """Folders 0777 and files 0666 minus the umask (0755 / 0644 usually) under `root`: some writers make
+    private files (safetensors: 0600), and an output is for whoever may read the folder it lands in."""
+    mask = _umask()
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move folder `tmp` to `out`; an existing `out` is moved aside first and deleted only afterwards."""
+    """Move folder `tmp` to `out`; an existing `out` is moved aside first and deleted only afterwards.
+    The moved tree gets ordinary permissions first (`ordinary_modes`)."""
     tmp, out = Path(tmp), Path(out)
+    ordinary_modes(tmp)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         os.replace(out, old)

@@ -45,7 +45,7 @@ def checkpoint_problem(ckpt) -> str | None:
     """None when `ckpt` is a complete Trainer checkpoint, else why not (short, for a one-line message)."""
     d = Path(ckpt)
     if not d.is_dir():
-        return "not a folder"
+        return "no such folder" if not d.exists() else "not a folder"
     state = d / "trainer_state.json"
     if not state.is_file():
         return "no trainer_state.json (Trainer writes it last: the save was cut)"

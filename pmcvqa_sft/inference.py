@@ -282,6 +282,8 @@ def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: b
     base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
     log(f"merging: reloading base '{base}' UNQUANTIZED in its stored dtype (merging into 8-bit/4-bit "
         f"weights would round the LoRA update away)")
+    from .threads import configure_threads
+    configure_threads(modeling.resolve_name(base))
     net = AutoModelForCausalLM.from_pretrained(modeling.resolve_name(base), dtype="auto",
                                                device_map={"": "cpu"})
     try:

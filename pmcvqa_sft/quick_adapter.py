@@ -63,6 +63,8 @@ def train_quick_adapter(tiny_dir, steps: int = 400, rows=None, lr: float | None 
     tok = modeling.load_tokenizer(str(tiny_dir))
     rows = [encode_conversation(tok, prompts.create_conversation(r["question"], r["choices"], r["answer_label"]))
             for r in rows]
+    from .threads import configure_threads
+    configure_threads(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
     model = get_peft_model(model, modeling.lora_config(r=cfg["r"], alpha=cfg["alpha"], dropout=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -7,7 +7,8 @@ training step was 10-15x slower with 2 threads than with 1, and 1 thread was nev
 this toolkit runs on the CPU are the embedded tiny model (hidden size 128: too small to split over
 threads usefully) and, rarely, an 8B model on a many-core server.
 
-Applied by `modeling.load_model` (every script and test that loads a model) and by training's setup.
+Applied by `modeling.load_model` (every script and test that loads a model), training's setup, the tiny
+model's builder, the merge and the quick test adapter; tests/conftest.py applies it to the test process.
 Rule (`choose_threads`):
 - an explicit value wins: `--threads N` on the scripts (remembered for the rest of the process), else
   the environment variable PMCVQA_THREADS;

@@ -76,7 +76,7 @@ def test_output_folder_holding_another_run(base_argv, tmp_path, capsys):
     one_line_error(*run_main_in_process(argv + ["--resume_from_checkpoint", "auto"], capsys), "holds files")
     assert (other / "notes.txt").read_text() == "mine"
     one_line_error(*run_main_in_process(base_argv + ["--resume_from_checkpoint", str(tmp_path / "ck")], capsys),
-                   "not a Trainer checkpoint")
+                   "not a complete Trainer checkpoint", "no such folder")
 
 
 def test_dataset_built_with_another_tokenizer_is_refused(base_argv, processed_tiny, tmp_path, capsys):
