@@ -103,9 +103,10 @@ NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded"
 NEARLY_FULL = 1 << 20  # bytes
 
 
-def disk_full_error(exc: BaseException, folder, needed: int | None = None, hint: str = ""):
+def disk_full_error(exc: BaseException, folder, needed=None, hint: str = ""):
     """For 'no space left on device' (or an exceeded quota): a one-line InputError naming `folder`, the
-    free space and, when known, about how much was needed; None for any other error.
+    free space and, when known, about how much was needed (bytes, or a function giving them); None for
+    any other error.
 
     Not every writer says ENOSPC: safetensors raises SafetensorError('... No space left on device (os
     error 28)'), torch.save a RuntimeError ('unexpected pos ...'). So an error counts as a full disk when
@@ -123,13 +124,14 @@ def disk_full_error(exc: BaseException, folder, needed: int | None = None, hint:
     said = getattr(exc, "errno", None) in NO_SPACE or any(t in str(exc) for t in NO_SPACE_TEXT)
     if not (said or free < NEARLY_FULL):
         return None
+    needed = needed() if callable(needed) else needed
     need = f", about {_mb(needed)} needed" if needed else ""
     return InputError(f"no space left on the device of '{folder}' ({_mb(free)} free{need}); the partial "
                       f"output was removed and nothing earlier was changed{hint}")
 
 
 @contextmanager
-def disk_full_is_input_error(folder, needed: int | None = None, cleanup=None, hint: str = ""):
+def disk_full_is_input_error(folder, needed=None, cleanup=None, hint: str = ""):
     """`disk_full_error` for the block. `cleanup()` runs first (e.g. removing a partial checkpoint, which
     also gives the space back). Callers write into temp folders that their own `finally` removes, so
     earlier outputs stay as they were."""

@@ -104,11 +104,28 @@ def check_explicit(ckpt) -> str:
 
 
 def set_aside(partial: Path) -> Path:
-    """Rename a partial checkpoint to `<name>.partial` so Trainer's rotation and `auto` ignore it; the
-    next save of that step writes a fresh folder. Kept, not deleted: nothing is lost."""
-    dest = partial.with_name(partial.name + ".partial")
+    """Rename a partial checkpoint to `partial-<name>` so `auto` and Trainer's rotation (which globs
+    `checkpoint-*` and would count a `checkpoint-6.partial` as step 6) ignore it; the next save of that
+    step writes a fresh folder. Kept, not deleted: nothing is lost."""
+    dest = partial.with_name(f"partial-{partial.name}")
     if dest.exists():
         import shutil
         shutil.rmtree(dest, ignore_errors=True)  # an older partial save of the same step
     partial.rename(dest)
     return dest
+
+
+def newest_size(out) -> int | None:
+    """Bytes of the newest complete checkpoint: about what the next save needs (None: no checkpoint)."""
+    ckpt = newest_complete(out)[0]
+    return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) if ckpt else None
+
+
+def drop_partial(out) -> None:
+    """After a failed save (a full disk): remove the partial newest checkpoint(s), which also frees
+    their space; complete ones are kept."""
+    import shutil
+    for ckpt in list_checkpoints(out):
+        if checkpoint_problem(ckpt) is None:
+            break
+        shutil.rmtree(ckpt, ignore_errors=True)

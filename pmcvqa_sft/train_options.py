@@ -27,7 +27,8 @@ class TrainOptions:
     max_samples: int | None = _opt(None, "data", "train on the first N train rows only")
     max_eval_samples: int | None = _opt(None, "data", "evaluate on the first N validation rows only")
     # ---- model ----
-    model: str = _opt(DEFAULT_MODEL, "model", "base model: hub id, local folder, or 'tiny' (the embedded offline model)")
+    model: str = _opt(DEFAULT_MODEL, "model",
+                      "base model: hub id, local folder, or 'tiny' (the embedded offline model)")
     quantization: str = _opt("8bit", "model", "base weights: 8bit (LoRA on int8), 4bit (QLoRA, NF4), none (bf16/fp32)",
                              choices=QUANTIZATIONS)
     gradient_checkpointing: bool = _opt(True, "model", "recompute activations in the backward pass: much less "

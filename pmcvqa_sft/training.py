@@ -11,7 +11,8 @@ Output folder (`output_dir`):
     tensorboard/        TensorBoard event files
     checkpoint-<step>/  Trainer checkpoints (adapter, optimizer, scheduler, RNG, sampler position)
     train_args.json     written at start: marks the folder as a training run
-Exact resume: `resume_from_checkpoint="auto"` continues from the latest checkpoint with the same data
+Exact resume: `resume_from_checkpoint="auto"` continues from the newest complete checkpoint (a partial one,
+left by a kill during a save, is skipped: checkpoints.py) with the same data
 order (see collate.EpochLengthGroupedSampler) and RNG state.
 Test hooks (environment): PMCVQA_KILL_AFTER_SAVE=<step> SIGKILLs the process right after that
 checkpoint is saved; PMCVQA_DEBUG_SEEN_ROWS=<dir> writes the source rows each rank trained on.
@@ -85,7 +86,7 @@ def resolve_resume(o: TrainOptions, log=print) -> str | None:
     if o.resume_from_checkpoint == "auto" and not (busy and not _is_run_folder(out)):
         ckpt, skipped = newest_complete(out)
         for partial, why in skipped:
-            log(f"note: skipping partial checkpoint {partial} ({why}); it is set aside as {partial.name}.partial"
+            log(f"note: skipping partial checkpoint {partial} ({why}); it is set aside as partial-{partial.name}"
                 + (f"; resuming from {ckpt.name}" if ckpt else "; no complete checkpoint: starting afresh"))
         return str(ckpt) if ckpt else None
     if busy and not _is_run_folder(out):
@@ -170,7 +171,7 @@ def build_model(o: TrainOptions, tokenizer, log=print):
     # configs leave it unset (the tiny model, R1's generation_config) saves Trainer's notice that it
     # "aligned the PAD/BOS/EOS tokens", printed on every run otherwise.
     for cfg in (model.config, getattr(model, "generation_config", None)):
-        if cfg is not None and getattr(cfg, "pad_token_id", None) is None:
+        if cfg is not None and tokenizer is not None and getattr(cfg, "pad_token_id", None) is None:
             cfg.pad_token_id = tokenizer.pad_token_id
     gc_kwargs = {"use_reentrant": False}
     # Sharded QLoRA skips the fp32 upcast: FSDP / ZeRO-3 need every weight in the one storage dtype.
@@ -397,7 +398,9 @@ def run_training(o: TrainOptions, log=print) -> dict:
     if run.resume:
         log(f"resuming from {run.resume}")
     t0 = time.perf_counter()
-    with disk_full_is_input_error(out, needed=_checkpoint_bytes(out), cleanup=lambda: _drop_partial(out, state),
+    from .checkpoints import drop_partial, newest_size
+    with disk_full_is_input_error(out, needed=lambda: newest_size(out),
+                                  cleanup=lambda: drop_partial(out) if state.is_main_process else None,
                                   hint="; free some space and rerun with --resume_from_checkpoint auto"):
         result = trainer.train(resume_from_checkpoint=run.resume)
     wall = time.perf_counter() - t0
@@ -435,24 +438,6 @@ def run_training(o: TrainOptions, log=print) -> dict:
         log(f"adapter: {out / ADAPTER_DIR}; run card: {out / RUN_CARD}; loss curve: {out / LOSS_PNG}")
     state.wait_for_everyone()
     return card
-
-
-def _checkpoint_bytes(out: Path) -> int | None:
-    """Size of the newest complete checkpoint: about what the next save needs."""
-    from .checkpoints import newest_complete
-    ckpt = newest_complete(out)[0]
-    return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) if ckpt else None
-
-
-def _drop_partial(out: Path, state) -> None:
-    """After a failed save: remove the partial newest checkpoint(s), which also frees their space."""
-    from .checkpoints import checkpoint_problem, list_checkpoints
-    if not state.is_main_process:
-        return
-    for ckpt in list_checkpoints(out):
-        if checkpoint_problem(ckpt) is None:
-            break
-        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _series(history: list[dict], key: str) -> list[tuple[int, float]]:

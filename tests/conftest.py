@@ -20,6 +20,7 @@ from pmcvqa_sft.threads import configure_threads  # noqa: E402
 
 configure_threads("tiny")  # the rule every script uses: one torch thread for the tiny model (threads.py)
 
+HANG_GUARD_S = 1200  # subprocess timeouts in tests: only against a hang, far above a busy machine's time
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 REAL_TOKENIZER = FIXTURES / "deepseek_r1_distill_llama_8b_tokenizer"
 REAL_MODEL_FILES = FIXTURES / "deepseek_r1_distill_llama_8b"

@@ -82,7 +82,7 @@ def test_resume_auto_continues_from_the_older_checkpoint(two_checkpoints, proces
     assert card["resumed_from"] == str(run / "checkpoint-3")
     assert card["global_step"] == 6
     assert any("skipping partial checkpoint" in n and "checkpoint-6" in n for n in notes), notes
-    assert (run / "checkpoint-6.partial").is_dir()  # set aside, not deleted
+    assert (run / "partial-checkpoint-6").is_dir()  # set aside, not deleted
     assert json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6  # saved anew
     from pmcvqa_sft.checkpoints import checkpoint_problem
     assert checkpoint_problem(run / "checkpoint-6") is None

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, N_TRAIN, LR = 400, 16, 3e-3  # answers all 16 (score and generation 100 %); 120 did on an older tiny build
@@ -139,7 +140,7 @@ def test_scripted_console_session(adapter_dir):
               "/temp 0\nWhich stain detects iron deposits?\n")
     r = subprocess.run([sys.executable, "inference_example.py", "--adapter", str(adapter_dir), "--interactive",
                         "--greedy", "--max_new_tokens", "40", "--quantization", "none"],
-                       input=script, capture_output=True, text=True, cwd=ROOT, timeout=1200, env=ENV_1T)  # hang guard only
+                       input=script, capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S, env=ENV_1T)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert out.count("assistant>") == 3 and "(conversation cleared)" in out and "(reasoning hidden)" in out
@@ -243,7 +244,7 @@ def test_bad_inputs_one_line_errors(adapter_dir, tiny_dir, bad_datasets, tmp_pat
 
 def test_bad_input_through_the_real_cli():
     r = subprocess.run([sys.executable, "inference_example.py", "--model", "tiny", "--question", "Which?",
-                        "--choices", "MRI", " "], capture_output=True, text=True, cwd=ROOT, timeout=1200,  # hang guard only
+                        "--choices", "MRI", " "], capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S,
                        env=ENV_1T)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 

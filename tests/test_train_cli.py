@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from test_train import ROOT, SCRIPT, script_env
+from conftest import HANG_GUARD_S
 
 
 def run_main_in_process(argv, capsys):
@@ -157,7 +158,7 @@ def test_ddp_two_cpu_processes_see_disjoint_data(processed_tiny, tiny_dir, tmp_p
            "--max_eval_samples", "8", "--logging_steps", "1", "--no-gradient_checkpointing",
            "--report_to", "none", "--no-progress"]
     r = subprocess.run(cmd, env=script_env(PMCVQA_DEBUG_SEEN_ROWS=seen), capture_output=True, text=True,
-                       cwd=ROOT, timeout=1800)  # hang guard only
+                       cwd=ROOT, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
     rank0, rank1 = (json.loads((seen / f"seen_rank{i}.json").read_text()) for i in (0, 1))
     assert len(rank0) == len(rank1) == 3 * 4

@@ -17,13 +17,14 @@ import pytest
 
 from pmcvqa_sft import environment as env
 from pmcvqa_sft.errors import InputError
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "verify_installation.py"
 SECRET = "hf_secret123"
 
 
-def run_script(*args, extra_env=None, timeout=1800):  # a hang guard, not a speed check
+def run_script(*args, extra_env=None, timeout=HANG_GUARD_S):
     e = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     e.update(extra_env or {})
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=e, capture_output=True,
