@@ -13,6 +13,7 @@ import dataclasses
 from .modeling import DEFAULT_MODEL, QUANTIZATIONS
 
 REPORT_TO = ("tensorboard", "none")
+GROUP_DESCRIPTIONS: dict[str, str] = {}  # an argparse group's one-line description, when it needs one
 
 
 def _opt(default, group: str, help: str, **argparse_kw):
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         meta = dict(f.metadata)
         name = meta.pop("group")
         if name not in groups:
-            groups[name] = parser.add_argument_group(name)
+            groups[name] = parser.add_argument_group(name, GROUP_DESCRIPTIONS.get(name))
         group = groups[name]
         flag = f"--{f.name}"
         if f.default is dataclasses.MISSING:
