@@ -66,6 +66,8 @@ bench: setup
 	$(PYTHON) bench/bench_preprocess.py
 	$(PYTHON) bench/bench_train.py
 	$(PYTHON) bench/bench_eval.py
+	$(PYTHON) bench/bench_threads.py
+	$(PYTHON) bench/bench_tokenizer_hash.py
 
 clean:
 	rm -rf artifacts runs

@@ -34,6 +34,9 @@ def parse_args(argv=None):
                         "its tokenizer and chat template are used")
     p.add_argument("--quantization", choices=["8bit", "4bit", "none"], default=None,
                    help="weight quantization (default: 8bit on CUDA, none elsewhere)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the tiny model or on a CPU machine with <= 4 cores, "
+                        "else torch's; env PMCVQA_THREADS)")
     # ---- what to do (one of) ----
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--interactive", action="store_true", help="chat in the terminal (streams tokens)")
@@ -98,6 +101,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from pmcvqa_sft.errors import InputError
     args = parse_args(argv)
+    if args.threads is not None:
+        from pmcvqa_sft.threads import configure_threads
+        configure_threads(threads=args.threads)
     if args.choices and not args.question:
         raise InputError("--choices needs --question")
     if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save

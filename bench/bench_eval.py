@@ -12,13 +12,11 @@ Reports questions/s, accuracy, and the agreement of score with sequential genera
 least 20x faster with at least 99 % agreement. Writes bench/results/eval.json.
 
 Without --adapter it trains a small LoRA on the bundled sample (`train_quick_adapter`, cached under
-artifacts/, also used by the tests): r 16, alpha 32, all linear layers, lr 1e-3, batch 16, fp32.
+artifacts/, also used by the tests; pmcvqa_sft/quick_adapter.py): r 16, alpha 32, all linear layers, lr 1e-3, batch 16, fp32.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import platform
 import sys
@@ -27,82 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pmcvqa_sft.atomic import atomic_dir, write_json  # noqa: E402
-SAMPLE = ROOT / "data" / "sample"
-CACHE = ROOT / "artifacts" / "quick-adapters"
-QUICK_RECIPE = dict(version=1, r=16, alpha=32, lr=1e-3, batch_size=16, warmup=20, seed=0)
-
-
-def sample_rows(split: str = "test") -> list[dict]:
-    """The bundled v1 sample as evaluation rows (question, choices, answer_label)."""
-    from pmcvqa_sft.data import read_pmc_vqa_csv
-    records, _ = read_pmc_vqa_csv(SAMPLE / f"{split}.csv")
-    return [{"question": r.question, "choices": dict(r.choices), "answer_label": r.answer_label,
-             "source_file": r.source_file, "source_row": r.source_row} for r in records]
-
-
-def _key(tiny_dir: Path, *parts) -> str:
-    stamp = (tiny_dir / "tiny_build.json").read_text() if (tiny_dir / "tiny_build.json").exists() else str(tiny_dir)
-    blob = json.dumps([QUICK_RECIPE, stamp, *parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def train_quick_adapter(tiny_dir, steps: int = 400, rows=None, lr: float | None = None, out_dir=None,
-                        log=print) -> Path:
-    """A LoRA adapter on the tiny model (cached); returns its folder.
-
-    `rows` (question/choices/answer_label dicts) default to data/sample/train.csv. The folder looks like
-    a training output: adapter_config.json + adapter_model.safetensors, the tokenizer with its chat
-    template, run_card.json.
-    """
-    import random
-
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from pmcvqa_sft import modeling, prompts
-    from pmcvqa_sft.encoding import encode_conversation, template_hash
-
-    tiny_dir = Path(tiny_dir)
-    rows = rows if rows is not None else sample_rows("train")
-    lr = lr or QUICK_RECIPE["lr"]
-    out = Path(out_dir) if out_dir else CACHE / f"tiny-{steps}-{_key(tiny_dir, steps, lr, rows)}"
-    if (out / "adapter_model.safetensors").exists():
-        return out
-    cfg = QUICK_RECIPE
-    torch.manual_seed(cfg["seed"])
-    tok = modeling.load_tokenizer(str(tiny_dir))
-    rows = [encode_conversation(tok, prompts.create_conversation(r["question"], r["choices"], r["answer_label"]))
-            for r in rows]
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    model = get_peft_model(model, modeling.lora_config(r=cfg["r"], alpha=cfg["alpha"], dropout=0.0))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]))
-    rng, order, t0 = random.Random(cfg["seed"]), [], time.perf_counter()
-    model.train()
-    for step in range(steps):
-        if len(order) < cfg["batch_size"]:
-            order += rng.sample(range(len(rows)), len(rows))
-        batch, order = [rows[i] for i in order[:cfg["batch_size"]]], order[cfg["batch_size"]:]
-        width = max(len(ids) for ids, _ in batch)
-        pad = tok.eos_token_id
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])  # padding masked by position
-        attn = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        loss.backward()
-        opt.step(), sched.step(), opt.zero_grad()
-    log(f"quick LoRA: {steps} steps in {time.perf_counter() - t0:.0f} s, last loss {loss.item():.3f}")
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "run_card.json").write_text(json.dumps(
-            {"base_model": str(tiny_dir), "steps": steps, "final_loss": loss.item(), "rows": len(rows),
-             "template_hash": template_hash(tok), **cfg, "lr": lr}, indent=2))
-    return out
-
-
+from pmcvqa_sft.atomic import write_json  # noqa: E402
+from pmcvqa_sft.quick_adapter import sample_rows, train_quick_adapter  # noqa: E402
 def sequential_generate(model, tokenizer, rows, max_new_tokens: int) -> list[str | None]:
     """The seed's evaluation: one question at a time, template, greedy generate, parse."""
     import torch

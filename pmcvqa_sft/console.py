@@ -2,7 +2,8 @@
 
 Chat: tokens stream as they are generated; the whole conversation goes through the chat template
 (`encoding.render_prompt` on the message list), so follow-up questions see the earlier turns. Commands:
-/help, /reset, /think on|off, /temp X, /exit. Ctrl-D or Ctrl-C leaves cleanly. `readline` gives line
+/help, /reset, /think on|off, /temp X, /exit. Ctrl-C during an answer stops the generation (the
+console stays open); Ctrl-D or Ctrl-C at the prompt leaves cleanly. `readline` gives line
 editing and history where it exists (not on plain Windows) and stdin is a terminal; piped stdin works
 too (scripted sessions).
 """
@@ -108,7 +109,10 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
             elif cmd == "/reset":
                 messages = []
                 print("(conversation cleared)", file=out)
-            elif cmd == "/think" and arg in ("on", "off"):
+            elif cmd == "/think":
+                if arg not in ("on", "off"):
+                    print("usage: /think on|off  (show or hide the reasoning)", file=out)
+                    continue
                 show_think = arg == "on"
                 print(f"(reasoning {'shown' if show_think else 'hidden'})", file=out)
             elif cmd == "/temp":
@@ -132,12 +136,14 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
         filt = ThinkFilter(show_think, inside=opened)
         print("assistant> " + (OPEN + "\n" if show_think and filt.inside else ""), end="", file=out, flush=True)
         reply, stats, start = [], {}, time.perf_counter()
+        pieces = stream_generate(model, tokenizer, prompt, settings, stats)
         try:
-            for piece in stream_generate(model, tokenizer, prompt, settings, stats):
+            for piece in pieces:
                 reply.append(piece)
                 print(filt.feed(piece), end="", file=out, flush=True)
         except KeyboardInterrupt:
-            print("\n(interrupted)", file=out)
+            pieces.close()  # stops the generation itself and waits for it (Ctrl-C during printing)
+            print(f"\n(interrupted after {stats.get('n_tokens', 0)} tokens; the question is dropped)", file=out)
             messages.pop()
             continue
         print(filt.flush(), file=out)

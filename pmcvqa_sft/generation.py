@@ -112,22 +112,42 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], settings: Generatio
     return results
 
 
+def _stop_when(event: threading.Event):
+    """A StoppingCriteria that ends generation (every row) once `event` is set: Ctrl-C in the console
+    stops the model itself, not only the printing."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopOnEvent()
+
+
 def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
                     stats: dict | None = None) -> Iterator[str]:
-    """Yield decoded text pieces while generating; `stats` receives n_tokens and finished at the end."""
+    """Yield decoded text pieces while generating; `stats` receives n_tokens, finished and interrupted.
+
+    Leaving the loop early (Ctrl-C while waiting for a piece, or `close()` on this generator after a
+    Ctrl-C in the caller) stops `model.generate` at its next token and waits for it, so no generation
+    keeps running in the background and the next question starts at once.
+    """
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     gc = _generation_config(model, tokenizer, settings)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=False)
     holder: dict = {}
+    stop = threading.Event()
 
     def work():
         try:
             with torch.no_grad():
                 holder["out"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               generation_config=gc, streamer=streamer)
+                                               generation_config=gc, streamer=streamer,
+                                               stopping_criteria=StoppingCriteriaList([_stop_when(stop)]))
         except BaseException as exc:  # surface errors of the worker thread in the caller
             holder["error"] = exc
             streamer.end()
@@ -135,16 +155,21 @@ def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     eos_text = tokenizer.eos_token or ""
-    for piece in streamer:
-        if eos_text and eos_text in piece:
-            piece = piece.replace(eos_text, "")
-        if piece:
-            yield piece
-    thread.join()
+    try:
+        for piece in streamer:
+            if eos_text and eos_text in piece:
+                piece = piece.replace(eos_text, "")
+            if piece:
+                yield piece
+    finally:
+        if thread.is_alive():
+            stop.set()  # interrupted (KeyboardInterrupt or GeneratorExit): end generate() at the next token
+        thread.join()
+        if stats is not None and "out" in holder:
+            new = holder["out"][0, ids.shape[1]:].tolist()
+            finished = tokenizer.eos_token_id in new
+            stats["n_tokens"] = new.index(tokenizer.eos_token_id) + 1 if finished else len(new)
+            stats["finished"] = finished
+            stats["interrupted"] = stop.is_set()
     if "error" in holder:
         raise holder["error"]
-    if stats is not None:
-        new = holder["out"][0, ids.shape[1]:].tolist()
-        finished = tokenizer.eos_token_id in new
-        stats["n_tokens"] = new.index(tokenizer.eos_token_id) + 1 if finished else len(new)
-        stats["finished"] = finished

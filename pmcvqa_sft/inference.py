@@ -49,6 +49,12 @@ def find_adapter_dir(path) -> Path:
                      f"pass the output folder of train_sft_example.py")
 
 
+def _is_local_path(name: str) -> bool:
+    """A folder path rather than a hub id ('org/name'): absolute, ./ ../ ~, or more than one '/'."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
 def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
 
@@ -92,8 +98,9 @@ def _lora_shapes(adapter_dir: Path) -> tuple[int | None, int]:
 def check_adapter_fits(adapter_dir: Path, base: str, tokenizer) -> None:
     """One-line errors when the adapter (or its tokenizer) was trained for another base model."""
     from transformers import AutoConfig
-    try:
-        cfg = AutoConfig.from_pretrained(modeling.resolve_name(base))
+    path = modeling.resolve_name(base)
+    try:  # offline or no route to the hub: the local cache only, not 27 s of retries (hub.py)
+        cfg = AutoConfig.from_pretrained(path, **modeling._hub_kwargs(path))
     except (OSError, ValueError) as exc:
         raise modeling._hub_error("model", base, exc) from None
     vocab = getattr(cfg, "vocab_size", None)
@@ -136,6 +143,10 @@ def _base_and_tokenizer(model: str | None, adapter: str | None):
     base = model or acfg.get("base_model_name_or_path")
     if not base:
         raise InputError(f"'{adir / ADAPTER_CONFIG}' names no base model; pass --model")
+    if model is None and _is_local_path(base) and not Path(base).expanduser().exists():
+        raise InputError(f"adapter '{adapter}' was trained on the local folder '{base}' (base_model_name_or_path "
+                         f"in {adir / ADAPTER_CONFIG}), which does not exist here; pass --model with that base "
+                         f"model's folder or hub id")
     tok_dir, card = training_files(adir)
     tokenizer = modeling.load_tokenizer(str(tok_dir) if tok_dir else base)
     if model is not None and tok_dir is not None:
@@ -271,6 +282,8 @@ def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: b
     base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
     log(f"merging: reloading base '{base}' UNQUANTIZED in its stored dtype (merging into 8-bit/4-bit "
         f"weights would round the LoRA update away)")
+    from .threads import configure_threads
+    configure_threads(modeling.resolve_name(base))
     net = AutoModelForCausalLM.from_pretrained(modeling.resolve_name(base), dtype="auto",
                                                device_map={"": "cpu"})
     try:

@@ -40,6 +40,17 @@ def quiet_bitsandbytes() -> None:
 
 
 quiet_bitsandbytes()
+
+
+def progress_bars_wanted(asked: bool = True) -> bool:
+    """Bars only when asked and stderr is a terminal: in a log file (CI, nohup, `| tee`) each redraw
+    leaves a fragment. Also switches transformers' own bars ("Loading weights") off in that case."""
+    import sys
+    shown = bool(asked) and sys.stderr.isatty()
+    if not shown:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    return shown
 # PEFT and Trainer still call the pre-rename `is_gradient_checkpointing` and
 # `gradient_checkpointing_enable` internally; the warning is
 # theirs to fix and says nothing to our users.
@@ -158,6 +169,9 @@ def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: 
         raise InputError("8-bit bases cannot be sharded by FSDP / DeepSpeed ZeRO-3: pass --quantization 4bit "
                          "(QLoRA) or none, or use configs/ddp.yaml")
     path = resolve_name(name)
+    from .threads import configure_threads
+    configure_threads(path)  # 1 torch thread for the tiny model / small CPU machines (threads.py)
+    progress_bars_wanted()
     kwargs = dict(dtype=compute_dtype())
     if not sharded:
         kwargs["device_map"] = device_map or device_map_for_process()

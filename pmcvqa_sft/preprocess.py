@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 import uuid
 from itertools import chain, islice
@@ -100,7 +99,9 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
     if records:
         enc.verify([enc.messages(r) for r in records[:VERIFY_ROWS]])
     kept, P, T = [], [], []
-    with tqdm(total=len(records), desc=desc, unit="row", disable=not progress or len(records) < CHUNK) as bar:
+    from .modeling import progress_bars_wanted
+    with tqdm(total=len(records), desc=desc, unit="row",
+              disable=not progress_bars_wanted(progress) or len(records) < CHUNK) as bar:
         for start in range(0, len(records), CHUNK):
             chunk = records[start:start + CHUNK]
             ps, ts = enc.encode([enc.messages(r) for r in chunk])
@@ -198,8 +199,9 @@ def _examples(tok, split, records, P, T, n=EXAMPLES_PER_SPLIT):
 
 def _save(dsd, path: Path, num_proc, progress: bool) -> None:
     import datasets
+    from .modeling import progress_bars_wanted
     was_on = datasets.is_progress_bar_enabled()
-    if not progress:
+    if not progress_bars_wanted(progress):
         datasets.disable_progress_bars()
     try:
         dsd.save_to_disk(str(path), num_proc=num_proc if num_proc and num_proc > 1 else None)
@@ -275,6 +277,9 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
         from .modeling import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_name)
     encoding.ensure_chat_template(tokenizer)
+    # Rows over the model's length are shortened or skipped below (counted in the report), so the
+    # tokenizer's "sequence length is longer than the specified maximum" warning says nothing true here.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     plain_template = tokenizer.chat_template == encoding.PLAIN_CHAT_TEMPLATE
     lap("tokenizer")
     unused = 0
@@ -309,7 +314,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp = atomic.make_temp_dir(f".{out.name}.tmp-{os.getpid()}-", out.parent)  # 0755, not mkdtemp's 0700
     except OSError as exc:
         raise InputError(f"cannot write beside --output_dir '{out}': {exc.strerror or exc}") from None
     try:
@@ -351,6 +356,9 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False))
         check_output_dir(output_dir, overwrite)  # someone may have created it meanwhile
         replace_dir(tmp, out)
+    except Exception as exc:  # a full disk: one line (the temp folder goes below; an earlier output stays)
+        raise atomic.disk_full_error(exc, out, needed=tokens * 8, hint=" (the Arrow files take about 8 bytes "
+                                     "per token)") or exc from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

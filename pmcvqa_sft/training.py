@@ -11,7 +11,8 @@ Output folder (`output_dir`):
     tensorboard/        TensorBoard event files
     checkpoint-<step>/  Trainer checkpoints (adapter, optimizer, scheduler, RNG, sampler position)
     train_args.json     written at start: marks the folder as a training run
-Exact resume: `resume_from_checkpoint="auto"` continues from the latest checkpoint with the same data
+Exact resume: `resume_from_checkpoint="auto"` continues from the newest complete checkpoint (a partial one,
+left by a kill during a save, is skipped: checkpoints.py) with the same data
 order (see collate.EpochLengthGroupedSampler) and RNG state.
 Test hooks (environment): PMCVQA_KILL_AFTER_SAVE=<step> SIGKILLs the process right after that
 checkpoint is saved; PMCVQA_DEBUG_SEEN_ROWS=<dir> writes the source rows each rank trained on.
@@ -24,54 +25,20 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 
 from .collate import (LENGTH_COLUMN, ROW_ID_KEY, EpochLengthGroupedSampler, SFTCollator, add_length_column,
                       lengths_of)
-from .atomic import replace_dir, write_json
+from .atomic import disk_full_is_input_error, make_temp_dir, replace_dir, write_json
 from .dataset_io import ADAPTER_DIR, RUN_CARD
 from .errors import InputError
+from .train_options import TrainOptions  # noqa: F401  (the options' schema; re-exported)
 
 LOSS_PNG = "loss_curve.png"
 MARKER = "train_args.json"
 KILL_ENV = "PMCVQA_KILL_AFTER_SAVE"
 SEEN_ENV = "PMCVQA_DEBUG_SEEN_ROWS"
-
-
-@dataclasses.dataclass
-class TrainOptions:
-    dataset_dir: str
-    model: str = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
-    output_dir: str = "runs/sft"
-    quantization: str = "8bit"
-    num_epochs: float = 3.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int | None = None
-    gradient_accumulation_steps: int = 8
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.03
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: str = "all-linear"
-    max_samples: int | None = None
-    max_eval_samples: int | None = None
-    eval_steps: int = 50
-    save_steps: int | None = None
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    resume_from_checkpoint: str | None = None
-    seed: int = 42
-    gradient_checkpointing: bool = True
-    overwrite: bool = False
-    report_to: str = "tensorboard"
-    progress: bool = True
 
 
 # ---- checks of the user's input ----
@@ -103,21 +70,25 @@ def _is_run_folder(d: Path) -> bool:
     return any((d / n).exists() for n in (MARKER, RUN_CARD, ADAPTER_DIR)) or any(d.glob("checkpoint-*"))
 
 
-def resolve_resume(o: TrainOptions) -> str | None:
-    """The checkpoint to resume from (None: fresh start); refuses to train over another run."""
-    from transformers.trainer_utils import get_last_checkpoint
+def resolve_resume(o: TrainOptions, log=print) -> str | None:
+    """The checkpoint to resume from (None: fresh start); refuses to train over another run.
+
+    `auto` takes the newest *complete* checkpoint (checkpoints.py) and names each newer partial one it
+    skips (a kill or a full disk during a save); an explicitly named partial checkpoint is an error.
+    """
+    from .checkpoints import check_explicit, newest_complete
     out = Path(o.output_dir)
     if o.resume_from_checkpoint not in (None, "", "auto"):
-        ckpt = Path(o.resume_from_checkpoint)
-        if not (ckpt / "trainer_state.json").is_file():
-            raise InputError(f"--resume_from_checkpoint '{ckpt}' is not a Trainer checkpoint "
-                             f"(no trainer_state.json); pass auto or a checkpoint-<step> folder")
-        return str(ckpt)
+        return check_explicit(o.resume_from_checkpoint)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output_dir '{out}' is a file, not a folder")
     busy = out.is_dir() and any(out.iterdir())
     if o.resume_from_checkpoint == "auto" and not (busy and not _is_run_folder(out)):
-        return get_last_checkpoint(str(out)) if out.is_dir() else None
+        ckpt, skipped = newest_complete(out)
+        for partial, why in skipped:
+            log(f"note: skipping partial checkpoint {partial} ({why}); it is set aside as partial-{partial.name}"
+                + (f"; resuming from {ckpt.name}" if ckpt else "; no complete checkpoint: starting afresh"))
+        return str(ckpt) if ckpt else None
     if busy and not _is_run_folder(out):
         raise InputError(f"output folder '{out}' holds files that are not a training run; choose another "
                          f"--output_dir (they are never deleted, even with --overwrite)")
@@ -196,6 +167,12 @@ def build_model(o: TrainOptions, tokenizer, log=print):
     sharded = sharded_training()
     model = load_model(o.model, o.quantization, device_map=device_map_for_process(), sharded=sharded)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    # The pad id only fills padding, which the collator masks by position. Setting it where the model's
+    # configs leave it unset (the tiny model, R1's generation_config) saves Trainer's notice that it
+    # "aligned the PAD/BOS/EOS tokens", printed on every run otherwise.
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and tokenizer is not None and getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = tokenizer.pad_token_id
     gc_kwargs = {"use_reentrant": False}
     # Sharded QLoRA skips the fp32 upcast: FSDP / ZeRO-3 need every weight in the one storage dtype.
     if o.quantization != "none" and not sharded:
@@ -281,7 +258,7 @@ def training_arguments(o: TrainOptions, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
-    from .modeling import compute_dtype
+    from .modeling import compute_dtype, progress_bars_wanted
     save_steps = o.save_steps or o.eval_steps
     if o.report_to == "tensorboard":
         # transformers 5 takes the TensorBoard folder from the environment only
@@ -307,7 +284,7 @@ def training_arguments(o: TrainOptions, has_eval: bool):
         remove_unused_columns=False, train_sampling_strategy="group_by_length",
         length_column_name=LENGTH_COLUMN, ddp_find_unused_parameters=False,
         report_to=[o.report_to] if o.report_to and o.report_to != "none" else "none",
-        use_cpu=_cpu_only(), disable_tqdm=not o.progress, dataloader_num_workers=0,
+        use_cpu=_cpu_only(), disable_tqdm=not progress_bars_wanted(o.progress), dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available())
 
 
@@ -316,7 +293,7 @@ def training_arguments(o: TrainOptions, has_eval: bool):
 def save_adapter(model, tokenizer, out: Path, base_name: str) -> Path:
     """adapter weights + config + tokenizer into `out/adapter`, via a temp folder and renames."""
     final = out / ADAPTER_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=out))
+    tmp = make_temp_dir(f".{ADAPTER_DIR}.", out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -324,8 +301,6 @@ def save_adapter(model, tokenizer, out: Path, base_name: str) -> Path:
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = base_name  # the id/folder actually trained on, for AutoPeft*
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        for f in [tmp, *tmp.iterdir()]:
-            f.chmod(0o755 if f.is_dir() else 0o644)
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -371,7 +346,9 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
 
     from .dataset_io import load_processed
     from .modeling import check_bitsandbytes, load_tokenizer
+    from .threads import configure_threads
     validate_options(o)
+    configure_threads(o.model, o.threads)  # 1 thread for the tiny model / small CPU machines (threads.py)
     dsd, report = load_processed(o.dataset_dir)
     check_bitsandbytes(o.quantization)
     tokenizer = load_tokenizer(o.model)
@@ -380,11 +357,15 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     # sets up the process group under `accelerate launch` / torchrun; without an accelerator accelerate
     # only forms a multi-process (gloo) group when told it runs on the CPU
     state = PartialState(cpu=_cpu_only())
-    resume = resolve_resume(o)  # every rank checks before rank 0 touches the folder
-    check_resume_options(o, resume)
+    resume = resolve_resume(o, log=log if state.is_main_process else (lambda *_: None))
+    check_resume_options(o, resume)  # every rank checks before rank 0 touches the folder
     state.wait_for_everyone()
     out = Path(o.output_dir)
     if state.is_main_process:
+        if o.resume_from_checkpoint == "auto":
+            from .checkpoints import newest_complete, set_aside
+            for partial, _ in newest_complete(out)[1]:
+                set_aside(partial)
         if o.overwrite and resume is None and out.is_dir() and o.resume_from_checkpoint is None:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -417,7 +398,11 @@ def run_training(o: TrainOptions, log=print) -> dict:
     if run.resume:
         log(f"resuming from {run.resume}")
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=run.resume)
+    from .checkpoints import drop_partial, newest_size
+    with disk_full_is_input_error(out, needed=lambda: newest_size(out),
+                                  cleanup=lambda: drop_partial(out) if state.is_main_process else None,
+                                  hint="; free some space and rerun with --resume_from_checkpoint auto"):
+        result = trainer.train(resume_from_checkpoint=run.resume)
     wall = time.perf_counter() - t0
     share = trainer.real_tokens / trainer.computed_tokens if trainer.computed_tokens else None
     log(f"real-token share of computed training tokens: {share:.2%}" if share is not None else
@@ -445,9 +430,11 @@ def run_training(o: TrainOptions, log=print) -> dict:
     }
     if state.is_main_process:
         from .plots import plot_loss_curve
-        save_adapter(trainer.model, run.tokenizer, out, resolve_name(o.model))
-        plot_loss_curve(history, out / LOSS_PNG, title=f"LoRA SFT of {o.model}")
-        write_json(out / RUN_CARD, card, default=str)
+        with disk_full_is_input_error(out, hint="; the checkpoints are kept: free some space and rerun with "
+                                                "--resume_from_checkpoint auto"):
+            save_adapter(trainer.model, run.tokenizer, out, resolve_name(o.model))
+            plot_loss_curve(history, out / LOSS_PNG, title=f"LoRA SFT of {o.model}")
+            write_json(out / RUN_CARD, card, default=str)
         log(f"adapter: {out / ADAPTER_DIR}; run card: {out / RUN_CARD}; loss curve: {out / LOSS_PNG}")
     state.wait_for_everyone()
     return card

@@ -15,7 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")        # before torch loads: the scripts' subprocesses too
+from pmcvqa_sft.threads import configure_threads  # noqa: E402
 
+configure_threads("tiny")  # the rule every script uses: one torch thread for the tiny model (threads.py)
+
+HANG_GUARD_S = 1200  # subprocess timeouts in tests: only against a hang, far above a busy machine's time
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 REAL_TOKENIZER = FIXTURES / "deepseek_r1_distill_llama_8b_tokenizer"
 REAL_MODEL_FILES = FIXTURES / "deepseek_r1_distill_llama_8b"
@@ -55,3 +60,14 @@ def processed_tiny(tmp_path_factory, tiny_dir) -> Path:
     out = tmp_path_factory.mktemp("processed") / "pmc_vqa_tiny"
     run_preprocess(data=str(SAMPLE_DIR), tokenizer_name=str(tiny_dir), output_dir=str(out))
     return out
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two spinning OpenMP threads are 5-30x slower
+    (bench/bench_threads.py). Restores the previous count after the test."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

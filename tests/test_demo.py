@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 400
@@ -19,7 +20,7 @@ STEPS = 400
 
 def _run(args, cwd=ROOT):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=3 * HANG_GUARD_S)
     assert out.returncode == 0, f"{args[0]} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out
 
@@ -33,7 +34,7 @@ def test_demo_pipeline_tuned_beats_base(tmp_path, tiny_dir):
           "--quantization", "8bit", "--max_steps", str(STEPS), "--learning_rate", "1e-3",
           "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
           "--no-gradient_checkpointing", "--eval_steps", "200", "--logging_steps", "25",
-          "--report_to", "none", "--no_progress"])
+          "--report_to", "none", "--no-progress"])
     card = json.loads((model / "run_card.json").read_text())
     # evaluated unquantized to keep the test short (`make demo` evaluates the 8-bit base)
     out = _run(["inference_example.py", "--adapter", str(model), "--quantization", "none", "--evaluate",

@@ -1,6 +1,6 @@
 """Inference and evaluation on the tiny model with a LoRA adapter trained to answer directly (CPU).
 
-The adapter comes from `bench.bench_eval.train_quick_adapter` (plain PEFT loop, cached under artifacts/,
+The adapter comes from `pmcvqa_sft.quick_adapter.train_quick_adapter` (plain PEFT loop, cached under artifacts/,
 so it is trained once per machine). It is trained on the first 16 questions of the sample's test file
 until it answers them: the tiny model trained on the whole sample learns which choice TEXT is right but
 not which LETTER holds it (DESIGN.md: letters are too hard for it), so its greedy letter would not
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, N_TRAIN, LR = 400, 16, 3e-3  # answers all 16 (score and generation 100 %); 120 did on an older tiny build
@@ -46,13 +47,13 @@ def _one_thread_module():
 
 @pytest.fixture(scope="session")
 def known_rows():
-    from bench.bench_eval import sample_rows
+    from pmcvqa_sft.quick_adapter import sample_rows
     return sample_rows("test")[:N_TRAIN]
 
 
 @pytest.fixture(scope="session")
 def adapter_dir(tiny_dir, known_rows) -> Path:
-    from bench.bench_eval import train_quick_adapter
+    from pmcvqa_sft.quick_adapter import train_quick_adapter
     with one_thread():
         return train_quick_adapter(tiny_dir, STEPS, rows=known_rows, lr=LR)
 
@@ -139,7 +140,7 @@ def test_scripted_console_session(adapter_dir):
               "/temp 0\nWhich stain detects iron deposits?\n")
     r = subprocess.run([sys.executable, "inference_example.py", "--adapter", str(adapter_dir), "--interactive",
                         "--greedy", "--max_new_tokens", "40", "--quantization", "none"],
-                       input=script, capture_output=True, text=True, cwd=ROOT, timeout=120, env=ENV_1T)
+                       input=script, capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S, env=ENV_1T)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert out.count("assistant>") == 3 and "(conversation cleared)" in out and "(reasoning hidden)" in out
@@ -243,7 +244,7 @@ def test_bad_inputs_one_line_errors(adapter_dir, tiny_dir, bad_datasets, tmp_pat
 
 def test_bad_input_through_the_real_cli():
     r = subprocess.run([sys.executable, "inference_example.py", "--model", "tiny", "--question", "Which?",
-                        "--choices", "MRI", " "], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                        "--choices", "MRI", " "], capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S,
                        env=ENV_1T)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 

@@ -18,6 +18,7 @@ from pmcvqa_sft.errors import InputError
 from pmcvqa_sft.modeling import DEFAULT_MODEL
 from pmcvqa_sft.encoding import FastPromptEncoder
 from pmcvqa_sft.preprocess import parse_val_size, run_preprocess
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "preprocess_pmc_vqa_for_sft.py"
@@ -58,7 +59,7 @@ def run(tmp_path, data, tok, name="out", **kw):
 def cli(*args, env=None):
     e = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          env=e, cwd=ROOT, timeout=120)
+                          env=e, cwd=ROOT, timeout=HANG_GUARD_S)
 
 
 def reference(tok, row, system_prompt=None, reasoning=False, include_caption=False):
@@ -139,11 +140,10 @@ def test_tokenizer_hash_sees_merges_and_ids_not_runtime_state(tiny_dir, tiny_tok
         assert len(other) == len(tiny_tokenizer) and encoding.tokenizer_hash(other) != base, edit
 
 
-def test_tokenizer_hash_is_fast_on_the_real_vocabulary(real_tokenizer):
-    import time
-    t0 = time.perf_counter()
-    h = encoding.tokenizer_hash(real_tokenizer)  # 128,256 tokens, 280k merges; measured ~0.1 s
-    assert time.perf_counter() - t0 < 0.5 and h == encoding.tokenizer_hash(real_tokenizer)
+def test_tokenizer_hash_is_stable_on_the_real_vocabulary(real_tokenizer):
+    # its speed (128,256 tokens, 280k merges) is measured in bench/bench_tokenizer_hash.py, not asserted here
+    h = encoding.tokenizer_hash(real_tokenizer)
+    assert h == encoding.tokenizer_hash(real_tokenizer) and len(h) >= 12
 
 
 def test_size_bound_and_no_padding(processed_tiny):
@@ -411,7 +411,7 @@ def test_script_end_to_end_and_user_check_script(tmp_path, tiny_dir):
     assert load_processed(tmp_path / "o")[1]["splits"] == {"train": 25, "validation": 5}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "test_preprocessing.py"), "--tokenizer", str(tiny_dir)],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and r.stdout.count("PASS") >= 7 and "⟦" in r.stdout
 

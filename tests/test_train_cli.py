@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from test_train import ROOT, SCRIPT, script_env
+from conftest import HANG_GUARD_S
 
 
 def run_main_in_process(argv, capsys):
@@ -31,14 +32,14 @@ def one_line_error(code, lines, *needles):
 @pytest.fixture()
 def base_argv(processed_tiny, tiny_dir, tmp_path):
     return ["--model", str(tiny_dir), "--dataset_dir", str(processed_tiny), "--output_dir", str(tmp_path / "out"),
-            "--max_steps", "1", "--report_to", "none", "--no_progress"]
+            "--max_steps", "1", "--report_to", "none", "--no-progress"]
 
 
 def test_unknown_quantization_subprocess(base_argv):
     r = subprocess.run([sys.executable, str(SCRIPT), *base_argv, "--quantization", "3bit"], env=script_env(),
                        capture_output=True, text=True)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
-    one_line_error(r.returncode, lines, "unknown quantization '3bit'", "8bit, 4bit, none")
+    one_line_error(r.returncode, lines, "--quantization", "invalid choice: '3bit'", "'8bit', '4bit', 'none'")
 
 
 def test_argparse_errors_are_one_line(base_argv, capsys):
@@ -76,7 +77,7 @@ def test_output_folder_holding_another_run(base_argv, tmp_path, capsys):
     one_line_error(*run_main_in_process(argv + ["--resume_from_checkpoint", "auto"], capsys), "holds files")
     assert (other / "notes.txt").read_text() == "mine"
     one_line_error(*run_main_in_process(base_argv + ["--resume_from_checkpoint", str(tmp_path / "ck")], capsys),
-                   "not a Trainer checkpoint")
+                   "not a complete Trainer checkpoint", "no such folder")
 
 
 def test_dataset_built_with_another_tokenizer_is_refused(base_argv, processed_tiny, tmp_path, capsys):
@@ -155,9 +156,9 @@ def test_ddp_two_cpu_processes_see_disjoint_data(processed_tiny, tiny_dir, tmp_p
            "--quantization", "8bit", "--max_steps", "3", "--per_device_train_batch_size", "4",
            "--gradient_accumulation_steps", "1", "--eval_steps", "3", "--max_samples", "48",
            "--max_eval_samples", "8", "--logging_steps", "1", "--no-gradient_checkpointing",
-           "--report_to", "none", "--no_progress"]
+           "--report_to", "none", "--no-progress"]
     r = subprocess.run(cmd, env=script_env(PMCVQA_DEBUG_SEEN_ROWS=seen), capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+                       cwd=ROOT, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
     rank0, rank1 = (json.loads((seen / f"seen_rank{i}.json").read_text()) for i in (0, 1))
     assert len(rank0) == len(rank1) == 3 * 4
@@ -174,3 +175,27 @@ def test_ddp_two_cpu_processes_see_disjoint_data(processed_tiny, tiny_dir, tmp_p
 ])
 def test_out_of_range_options_are_one_line_errors(base_argv, capsys, extra, needle):
     one_line_error(*run_main_in_process([*base_argv, *extra], capsys), needle)
+
+
+def test_flags_and_train_options_are_one_schema():
+    """Every TrainOptions field is a flag with help; parsing just the required flag gives TrainOptions'
+    own defaults; choices and --x/--no-x booleans come from the same table."""
+    import dataclasses
+
+    import train_sft_example
+    from pmcvqa_sft.modeling import DEFAULT_MODEL, QUANTIZATIONS
+    from pmcvqa_sft.train_options import TrainOptions, from_namespace
+    ns = train_sft_example.parse_args(["--dataset_dir", "d"])
+    assert from_namespace(ns) == TrainOptions(dataset_dir="d")
+    assert set(vars(ns)) == {f.name for f in dataclasses.fields(TrainOptions)}
+    assert TrainOptions(dataset_dir="d").model == DEFAULT_MODEL
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainOptions))
+    flipped = train_sft_example.parse_args(["--dataset_dir", "d", "--no-progress", "--no-gradient_checkpointing",
+                                            "--overwrite", "--quantization", "4bit", "--report_to", "none"])
+    assert (flipped.progress, flipped.gradient_checkpointing, flipped.overwrite) == (False, False, True)
+    from pmcvqa_sft.train_options import REPORT_TO
+    for flag, choices in (("--quantization", QUANTIZATIONS), ("--report_to", REPORT_TO)):
+        with pytest.raises(SystemExit):
+            train_sft_example.parse_args(["--dataset_dir", "d", flag, "bogus"])
+        for c in choices:
+            train_sft_example.parse_args(["--dataset_dir", "d", flag, c])

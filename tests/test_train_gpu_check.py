@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from test_train import one_thread  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
