@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -59,6 +60,8 @@ def parse_val_size(value) -> float | int:
         v = float(value)
     except (TypeError, ValueError):
         raise InputError(f"--val_size {value!r}: expected a fraction (0.05) or a row count (500)") from None
+    if not math.isfinite(v):  # 'inf' would crash int(), 'nan' would pass every comparison below
+        raise InputError(f"--val_size {value!r}: expected a finite fraction (0.05) or a row count (500)")
     if v < 0 or (v >= 1 and v != int(v)):
         raise InputError(f"--val_size {value!r}: expected a fraction in [0, 1) or a whole row count")
     return int(v) if v >= 1 else v

@@ -19,6 +19,7 @@ Rules these defaults follow, and why:
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 LETTERS = "ABCD"
@@ -98,17 +99,27 @@ def candidate_contents(choices: Mapping[str, str], letter_only: bool = False) ->
 
 
 def split_choices_arg(values: Sequence[str]) -> dict[str, str]:
-    """`--choices "MRI" "CT"` or `--choices "A: MRI" "B: CT"` -> {"A": "MRI", "B": "CT"}."""
+    """`--choices "MRI" "CT"` or `--choices "A: MRI" "B: CT"` -> {"A": "MRI", "B": "CT"}.
+
+    Choices are lettered by position; a written letter must be that position's letter (a `"B: MRI"`
+    given first, or a letter given twice, is an error rather than a silently relettered choice)."""
+    if len(values) < 2:
+        raise ValueError(f"a multiple-choice question needs at least 2 choices, got {len(values)}")
+    if len(values) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} choices, got {len(values)}")
     out = {}
     for i, raw in enumerate(values):
-        text = raw.strip()
-        letter = LETTERS[i] if i < len(LETTERS) else None
-        if letter is None:
-            raise ValueError(f"at most {len(LETTERS)} choices, got {len(values)}")
-        for sep in (":", ".", ")"):
-            if len(text) > 1 and text[0].upper() == letter and text[1] == sep:
-                text = text[2:].strip()
-                break
+        text, letter = raw.strip(), LETTERS[i]
+        written = re.match(r"([A-Za-z])\s*([:.)])\s*", text) if len(text) > 1 else None
+        if written and written.group(1).upper() in LETTERS:
+            if written.group(1).upper() != letter:
+                if written.group(2) == ".":  # "C. difficile" as choice A is a name, not a letter
+                    out[letter] = text
+                    continue
+                again = "repeats a letter" if written.group(1).upper() in out else "is out of order"
+                raise ValueError(f"choice {i + 1} {raw.strip()!r} {again}: choices are lettered by position "
+                                 f"({', '.join(LETTERS[:len(values)])}); give them in that order")
+            text = text[written.end():].strip()
         if not text:
             raise ValueError(f"choice {letter} is empty")
         out[letter] = text

@@ -273,3 +273,32 @@ def test_score_refuses_a_reasoning_dataset(processed_tiny):
     loaded = SimpleNamespace(has_adapter=False, tokenizer=None, system_prompt=None)
     with pytest.raises(InputError, match="--method generate"):
         evaluation.run_evaluation(loaded, processed_tiny, method="score", data=(rows, {**report, "reasoning": "brief"}))
+
+
+def test_bad_flags_fail_before_any_model_load(tmp_path, capsys):
+    """Each bad value is a one-line error (exit 2) even with a --model that does not exist: it is
+    checked before anything is loaded (a later check would report the missing model instead)."""
+    m = ["--model", str(tmp_path / "no-such-model")]
+    q = [*m, "--question", "Which?"]
+    cases = [
+        ([*q, "--temperature", "-0.5"], "--temperature must be >= 0"),
+        ([*q, "--temperature", "nan"], "--temperature must be >= 0"),
+        ([*q, "--top_p", "0"], "--top_p must be in (0, 1]"),
+        ([*q, "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        ([*m, "--evaluate", "--dataset_dir", str(tmp_path), "--batch_size", "0"], "--batch_size must be at least 1"),
+        ([*m, "--evaluate", "--dataset_dir", str(tmp_path), "--compare_base"], "--compare_base needs --adapter"),
+        ([*q, "--choices", "MRI"], "at least 2 choices"),
+        ([*q, "--choices", "B: MRI", "C: CT"], "out of order"),
+        ([*q, "--choices", "A: MRI", "A: CT"], "repeats a letter"),
+    ]
+    for argv, needle in cases:
+        code, _, err = _cli(argv, capsys)
+        assert code == 2, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (argv, err)
+
+
+def test_choices_lettered_by_position():
+    from pmcvqa_sft.prompts import split_choices_arg
+    assert split_choices_arg(["A: MRI", "B) CT"]) == {"A": "MRI", "B": "CT"}
+    # a species name is not a letter: "C. difficile" as the first choice stays its text
+    assert split_choices_arg(["C. difficile", "E. coli"]) == {"A": "C. difficile", "B": "E. coli"}

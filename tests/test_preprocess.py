@@ -240,9 +240,20 @@ def test_validation_split_is_seeded(tmp_path, tiny_tokenizer):
 
 def test_val_size_parsing():
     assert parse_val_size("0.05") == 0.05 and parse_val_size("500") == 500 and parse_val_size(0) == 0
-    for bad in ("-1", "abc", "2.5"):
+    for bad in ("-1", "abc", "2.5", "inf", "nan", "-inf"):
         with pytest.raises(InputError):
             parse_val_size(bad)
+
+
+@pytest.mark.parametrize("bad", ["inf", "nan"])
+def test_val_size_not_finite_is_one_line_error_before_tokenizer(bad, tmp_path, capsys):
+    import preprocess_pmc_vqa_for_sft as script
+    from pmcvqa_sft.errors import run_main
+    with pytest.raises(SystemExit) as exc:  # a tokenizer that does not exist: the check comes first
+        run_main(lambda: script.main(["--data", str(SAMPLE), "--tokenizer", str(tmp_path / "no-tok"),
+                                      "--output_dir", str(tmp_path / "out"), "--val_size", bad]))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and f"--val_size '{bad}'" in err, err
 
 
 def test_max_samples_counts_unused_rows(tmp_path, tiny_tokenizer):
