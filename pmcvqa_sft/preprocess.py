@@ -337,6 +337,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             "rows_read": stats.rows_read, "kept": kept, "skipped": dict(sorted(skipped.items())),
             "unused_by_max_samples": unused,
             "label_text_mismatch": stats.label_text_mismatch, "resolved_from_text": stats.resolved_from_text,
+            "duplicate_distractors": stats.duplicate_distractors,
             "truncated": dict(sorted(truncated.items())),
             "splits": {s: len(v[0]) for s, v in parts.items()},
             "token_lengths": {"prompt": _stats(all_p), "target": _stats(all_t),
