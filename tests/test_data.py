@@ -279,9 +279,11 @@ def test_resolve_folder_v1_v2(tmp_path):
         (tmp_path / n).write_text("x\n")
     got = resolve_data_files(str(tmp_path))
     assert got == {"train": [tmp_path / "train.csv"], "test": [tmp_path / "test_clean.csv"],
-                   "test_full": [tmp_path / "test.csv"]}
+                   "test_full": [tmp_path / "test.csv"],
+                   "ignored_v2": [tmp_path / "train_2.csv", tmp_path / "test_2.csv"]}  # named, not read
     got2 = resolve_data_files(str(tmp_path), version="2")
-    assert got2 == {"train": [tmp_path / "train_2.csv"], "test": [tmp_path / "test_2.csv"]}
+    assert got2 == {"train": [tmp_path / "train_2.csv"], "test": [tmp_path / "test_2.csv"],
+                    "ignored_v1": [tmp_path / "train.csv", tmp_path / "test.csv", tmp_path / "test_clean.csv"]}
     (tmp_path / "test_clean.csv").unlink()
     assert resolve_data_files(str(tmp_path))["test"] == [tmp_path / "test.csv"]
     assert set(PMC_FILES) == {"train.csv", "test.csv", "test_clean.csv", "train_2.csv", "test_2.csv"}

@@ -510,3 +510,14 @@ def test_all_skipped_test_file_gives_no_test_split(tmp_path, tiny_tokenizer):
     assert "test" not in report["splits"] and report["skipped"] == {"fewer_than_2_choices": 1}
     dsd, _ = load_processed(out)
     assert "test" not in dsd and len(dsd["train"]) > 0
+
+
+def test_mixed_v1_v2_folder_names_the_ignored_files(tmp_path, tiny_dir, capsys):
+    """data/sample holds v1 and v2 files: v1 is read, and the v2 files are named as not read."""
+    import preprocess_pmc_vqa_for_sft as script
+    assert script.main(["--data", str(SAMPLE), "--tokenizer", str(tiny_dir), "--output_dir",
+                        str(tmp_path / "o"), "--max_samples", "8", "--val_size", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: not read (ignored_v2): {SAMPLE / 'train_2.csv'}, {SAMPLE / 'test_2.csv'}" in out, out
+    report = load_processed(tmp_path / "o")[1]
+    assert report["ignored_files"]["ignored_v2"] == [str(SAMPLE / "train_2.csv"), str(SAMPLE / "test_2.csv")]
