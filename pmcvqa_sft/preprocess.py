@@ -96,9 +96,25 @@ def check_output_dir(output_dir, overwrite: bool) -> Path:
     return atomic.check_output_dir(output_dir, overwrite, REPORT_NAME, "a preprocessor output")
 
 
-def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, desc, progress=True):
+def _drop_unencodable(tok, chunk, skipped):
+    """Rows whose question or gold answer text encodes to no tokens at all (a tokenizer without byte
+    fallback drops characters outside its vocabulary) would train on an empty question or answer."""
+    questions = encoding.batch_ids(tok, [r.question for r in chunk])
+    answers = encoding.batch_ids(tok, [r.choices[r.answer_label] for r in chunk])
+    out = []
+    for rec, q, a in zip(chunk, questions, answers):
+        if not q or not a:
+            skipped["question_encodes_to_nothing" if not q else "answer_encodes_to_nothing"] += 1
+        else:
+            out.append(rec)
+    return out
+
+
+def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, desc, progress=True,
+                   check_empty=False):
     """-> (kept records, prompts as (head, rest) pairs, target id lists); too-long rows counted in
-    `skipped`, shortened ones in `truncated`."""
+    `skipped`, shortened ones in `truncated`. `check_empty`: also skip rows whose question or answer
+    encodes to nothing (needed only for tokenizers that can drop characters)."""
     from tqdm.auto import tqdm
     if records:
         enc.verify([enc.messages(r) for r in records[:VERIFY_ROWS]])
@@ -106,6 +122,9 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
     with tqdm(total=len(records), desc=desc, unit="row", disable=not progress or len(records) < CHUNK) as bar:
         for start in range(0, len(records), CHUNK):
             chunk = records[start:start + CHUNK]
+            n_chunk = len(chunk)
+            if check_empty:
+                chunk = _drop_unencodable(enc.tok, chunk, skipped)
             ps, ts = enc.encode([enc.messages(r) for r in chunk])
             for rec, p, t in zip(chunk, ps, ts):
                 if len(p[0]) + len(p[1]) + len(t) > max_length:
@@ -119,7 +138,7 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
                 kept.append(rec)
                 P.append(p)
                 T.append(t)
-            bar.update(len(chunk))
+            bar.update(n_chunk)
     return kept, P, T
 
 
@@ -274,9 +293,11 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
     if "train" not in source:
         raise InputError(f"--data '{data}': no usable training rows (skipped: {dict(stats.skipped)})")
     lap("read")
+    from .modeling import check_tokenizer, covers_all_text, load_tokenizer
     if tokenizer is None:
-        from .modeling import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_name)
+    else:
+        check_tokenizer(tokenizer, tokenizer_name)
     encoding.ensure_chat_template(tokenizer)
     plain_template = tokenizer.chat_template == encoding.PLAIN_CHAT_TEMPLATE
     lap("tokenizer")
@@ -288,12 +309,15 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
 
     from collections import Counter
     enc = RowEncoder(tokenizer, sys_prompt, reasoning, include_caption)
+    check_empty = not covers_all_text(tokenizer)
     skipped, truncated, encoded = Counter(stats.skipped), Counter(), {}
     for split, recs in source.items():
         encoded[split] = encode_records(enc, recs, int(max_length), skipped, truncated,
-                                        f"tokenizing {split}", progress)
+                                        f"tokenizing {split}", progress, check_empty)
     if not encoded["train"][0]:
-        raise InputError(f"every training row is longer than --max_length {max_length} (skipped as too_long)")
+        why = {k: v for k, v in skipped.items() if k not in stats.skipped}
+        raise InputError(f"no training row left for --tokenizer '{tokenizer_name}' and --max_length "
+                         f"{max_length} (skipped: {why})")
     lap("encode")
     recs, P, T = encoded.pop("train")
     tr, va = _split_validation(len(recs), val_size, seed)
