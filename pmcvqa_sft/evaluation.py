@@ -5,6 +5,12 @@
   (lm-eval's acc_norm) is reported as `accuracy_norm`.
 - generate: greedy, batched, left-padded generation (`generation.generate_batch`), then
   `answers.extract_answer`; answers it can't parse count as wrong and are reported as unparseable.
+  An answer states a letter and (in the trained format) the choice text after it; the two are read
+  separately: `accuracy_letter` (the letter is the gold one), `accuracy_text` (the choice the text names,
+  or the letter when no choice text is written, is the gold one) and the headline `accuracy`, strict: the
+  letter is the gold one AND the text, when it names a choice, names that same one.
+  `letter_text_conflict` counts answers whose letter and text name different choices (`Answer: D.
+  Ultrasound` with Ultrasound = A); they are never right under `accuracy`.
 Report: accuracy with its 95 % Wilson interval, the split's majority-letter baseline, per-letter accuracy,
 the confusion matrix, the unparseable rate, questions/s. `--compare_base` runs the same questions with
 the adapter disabled too. Outputs `predictions.jsonl` and `metrics.json`, written atomically.
@@ -101,7 +107,9 @@ def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAU
         for i, g in zip(idx, generate_batch(model, tokenizer, [texts[i] for i in idx], settings)):
             raw = assistant_turn(texts[i], g.text)
             ext = extract_answer(raw, rows[i]["choices"])
-            out[i] = {"pred": ext.letter, "output": g.text, "extraction": ext.method,
+            out[i] = {"pred": ext.strict_letter, "pred_letter": ext.letter,
+                      "pred_text": ext.text_letter or ext.letter, "conflict": ext.conflict,
+                      "output": g.text, "extraction": ext.method,
                       "finished": g.finished, "new_tokens": len(g.token_ids)}
     return out  # type: ignore[return-value]
 
@@ -117,18 +125,30 @@ def compute_metrics(rows, preds, seconds: float, method: str) -> dict:
         idx = [i for i, g in enumerate(golds) if g == letter]
         ok = sum(preds[i]["pred"] == letter for i in idx)
         per_letter[letter] = {"n": len(idx), "correct": ok, "accuracy": ok / len(idx)}
-        row = Counter(preds[i]["pred"] or "none" for i in idx)
-        confusion[letter] = {k: row.get(k, 0) for k in letters + ["none"]}
-    unparseable = sum(p["pred"] is None for p in preds)
+        row = Counter(_shown(preds[i]) for i in idx)
+        confusion[letter] = {k: row.get(k, 0) for k in letters + (["conflict"] if method == "generate" else [])
+                             + ["none"]}
+    unparseable = sum(p["pred"] is None and not p.get("conflict") for p in preds)
     m = {"method": method, "n": n, "correct": correct, "accuracy": correct / n, "ci95": [lo, hi],
          "unparseable": unparseable, "unparseable_rate": unparseable / n, "per_letter": per_letter,
-         "confusion": confusion, "pred_counts": dict(Counter(p["pred"] or "none" for p in preds)),
+         "confusion": confusion, "pred_counts": dict(Counter(_shown(p) for p in preds)),
          "seconds": seconds, "questions_per_s": n / seconds if seconds > 0 else None}
-    if method == "generate":  # answers whose letter and choice text disagreed (the text decided)
-        m["letter_text_conflict"] = sum(p.get("extraction") == "letter_text_conflict" for p in preds)
+    if method == "generate":  # the letter and the choice text, read separately (module docstring)
+        conflicts = [(p, g) for p, g in zip(preds, golds) if p["conflict"]]
+        m["accuracy_definition"] = "strict: letter right and, when a choice text is written, it names the same choice"
+        m["accuracy_letter"] = sum(p["pred_letter"] == g for p, g in zip(preds, golds)) / n
+        m["accuracy_text"] = sum(p["pred_text"] == g for p, g in zip(preds, golds)) / n
+        m["letter_text_conflict"] = len(conflicts)
+        m["conflict_letter_right"] = sum(p["pred_letter"] == g for p, g in conflicts)
+        m["conflict_text_right"] = sum(p["pred_text"] == g for p, g in conflicts)
     if method == "score":
         m["accuracy_norm"] = sum(p["pred_norm"] == g for p, g in zip(preds, golds)) / n
     return m
+
+
+def _shown(pred: dict) -> str:
+    """A prediction's column in the confusion matrix / predicted-letter counts."""
+    return pred["pred"] or ("conflict" if pred.get("conflict") else "none")
 
 
 def evaluate_model(model, tokenizer, rows, method="score", batch_size=16, letter_only=False,
@@ -179,13 +199,18 @@ def format_report(results: dict[str, dict], baseline: dict) -> str:
         table.append((label, [fn(results[n]) for n in names]))
 
     row("questions", lambda m: str(m["n"]))
-    row("accuracy", lambda m: _pct(m["accuracy"]))
+    strict = any("accuracy_letter" in m for m in results.values())
+    row("accuracy (strict)" if strict else "accuracy", lambda m: _pct(m["accuracy"]))
     row("  95% CI (Wilson)", lambda m: f"{100 * m['ci95'][0]:.1f}-{100 * m['ci95'][1]:.1f}")
     if any("accuracy_norm" in m for m in results.values()):
         row("accuracy (length-norm.)", lambda m: _pct(m.get("accuracy_norm")))
     row("unparseable", lambda m: _pct(m["unparseable_rate"]))
-    if any("letter_text_conflict" in m for m in results.values()):
-        row("letter/text conflicts", lambda m: str(m.get("letter_text_conflict", "-")))
+    if strict:
+        row("accuracy by letter only", lambda m: _pct(m.get("accuracy_letter")))
+        row("accuracy by text only", lambda m: _pct(m.get("accuracy_text")))
+        row("letter/text conflicts", lambda m: f"{m['letter_text_conflict']} (letter right "
+            f"{m['conflict_letter_right']}, text right {m['conflict_text_right']})" if "letter_text_conflict"
+            in m else "-")
     for letter in sorted(baseline["gold_counts"]):
         row(f"accuracy on gold {letter}", lambda m, L=letter: _pct(m["per_letter"].get(L, {}).get("accuracy")))
     row("predicted letters", lambda m: " ".join(f"{k}{v}" for k, v in sorted(m["pred_counts"].items())))

@@ -54,9 +54,17 @@ def format_user_prompt(question: str, choices: Mapping[str, str] | None = None,
     return "\n\n".join(parts)
 
 
+# The answer line the model learns to write. `answers.py` builds its parser from these two templates,
+# so an edited wording is trained AND parsed (tests/test_answers.py proves the round trip).
+ANSWER_TEMPLATE = "Answer: {letter}. {text}"
+ANSWER_TEMPLATE_LETTER_ONLY = "Answer: {letter}"
+
+
 def answer_line(letter: str, text: str | None = None) -> str:
     """`Answer: B. Magnetic resonance imaging` (or `Answer: B` when the text is unknown)."""
-    return f"Answer: {letter}. {text}" if text else f"Answer: {letter}"
+    if text:
+        return ANSWER_TEMPLATE.format(letter=letter, text=text)
+    return ANSWER_TEMPLATE_LETTER_ONLY.format(letter=letter)
 
 
 def make_reasoning(question: str, choices: Mapping[str, str], letter: str,
