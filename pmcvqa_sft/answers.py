@@ -226,14 +226,18 @@ class ChoiceScores:
 
 @dataclass
 class ScoreItem:
-    """One question to score: the user turn text and its choices."""
+    """One question to score: the user turn text and its choices. `prompt_ids`: the exact prompt tokens
+    to score after (a preprocessed row's trained prompt); None = render `user_text` with the template."""
     user_text: str
     choices: dict[str, str]
+    prompt_ids: list[int] | None = None
 
 
 def build_score_rows(encoder: PromptEncoder, items: Sequence[ScoreItem], letter_only: bool = False):
     """Per question: its prompt ids and, per choice, the target ids (training format) and byte length."""
-    prompt_ids = encoder.prompt_ids([it.user_text for it in items])
+    to_render = [it.user_text for it in items if it.prompt_ids is None]
+    rendered = iter(encoder.prompt_ids(to_render) if to_render else [])
+    prompt_ids = [list(it.prompt_ids) if it.prompt_ids is not None else next(rendered) for it in items]
     out = []
     for it, p in zip(items, prompt_ids):
         contents = prompts.candidate_contents(it.choices, letter_only=letter_only)

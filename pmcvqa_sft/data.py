@@ -57,6 +57,7 @@ class MCQRecord:
     answer_label: str
     caption: str | None  # None for v1; the cleaned caption (maybe "") for v2
     figure_path: str
+    truncated: str = ""  # set by preprocessing: "caption" / "question" when it cut that to fit
 
 
 @dataclass

@@ -104,8 +104,13 @@ class Generated:
 
 def generate_batch(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings) -> list[Generated]:
     """Generate for several rendered prompts at once (left-padded)."""
+    return generate_ids(model, tokenizer, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                        settings)
+
+
+def generate_ids(model, tokenizer, enc: Sequence[Sequence[int]], settings: GenerationSettings) -> list[Generated]:
+    """Generate for several tokenized prompts at once (left-padded)."""
     import torch
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     gc = _generation_config(model, tokenizer, settings)
     ids, mask = left_pad(enc, gc.pad_token_id)
     dev = _device(model)

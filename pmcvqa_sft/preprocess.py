@@ -13,6 +13,7 @@ A row that still does not fit is skipped as `too_long`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import json
@@ -51,6 +52,7 @@ def features():
         "question": Value("string"), "caption": Value("string"),
         "choices": {k: Value("string") for k in prompts.LETTERS},
         "answer_label": Value("string"),
+        "truncated": Value("string"),  # "" or what was cut to fit --max_length ("caption", "question")
     })
 
 
@@ -135,6 +137,7 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
                     rest, t, what = fitted
                     p = (NO_HEAD, rest)
                     truncated[what] += 1
+                    rec = dataclasses.replace(rec, truncated=what)
                 kept.append(rec)
                 P.append(p)
                 T.append(t)
@@ -181,6 +184,7 @@ def build_dataset(records, P, T, with_caption=True):
         "caption": pa.array([(r.caption or "") if with_caption else "" for r in records], string),
         "choices": choices,
         "answer_label": pa.array([r.answer_label for r in records], string),
+        "truncated": pa.array([r.truncated for r in records], string),
     }
     table = pa.Table.from_arrays([columns[c] for c in feats], schema=feats.arrow_schema)
     # An explicit fingerprint: otherwise datasets hashes the whole table (seconds at 177k rows).
