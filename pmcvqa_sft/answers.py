@@ -3,8 +3,11 @@
 Two ways to get a multiple-choice prediction:
 - `extract_answer(text, choices)`: parse free text the model generated. The think block is ignored
   (a letter inside the reasoning is not an answer); the answer part is matched against, in order,
-  `\\boxed{B}`, `Answer: B` / `the answer is (B)`, `**B**`, `(B)`, a leading `B.` / `B)` / lone `B`,
-  `option B`, and finally the text of exactly one choice. Anything else is unparseable (letter None).
+  `\\boxed{B}`, the trained answer line (its pattern is built from `prompts.ANSWER_TEMPLATE*`, so an
+  edited wording is still parsed) or `Answer: B` / `the answer is (B)`, `**B**`, `(B)`, a leading
+  `B.` / `B)` / lone `B`, `option B`, and finally the text of exactly one choice. Anything else is
+  unparseable (letter None). The letter and the choice text written after it are returned separately
+  (`letter`, `text_letter`); when they disagree the extraction is a `conflict`.
 - `score_choices(model, tokenizer, items)`: no generation. Each choice's whole answer turn in the
   exact training format (`prompts.candidate_contents`, target tokens built like
   `encoding.encode_conversation`: content minus the prompt's `<think>\\n`, + EOS) is scored by the sum of

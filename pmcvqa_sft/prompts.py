@@ -11,8 +11,9 @@ Rules these defaults follow, and why:
   `<｜Assistant｜><think>\n`. `encoding.py` removes the part the generation prompt already holds, so the
   trained target is exactly what the model must produce after the real inference prompt.
 - The answer line is `Answer: B. <choice text>`: the letter is what we score, the text after it makes
-  learning easier (a tiny model cannot map letters to answers it knows without it) and lets the
-  extractor in `answers.py` recover the letter from either part.
+  learning easier (a tiny model cannot map letters to answers it knows without it). `answers.py`
+  builds its parser from `ANSWER_TEMPLATE*` below, so editing the wording here keeps answers readable;
+  the evaluation checks that the letter and the text agree.
 - Reasoning: PMC-VQA ships no rationales. `--reasoning brief` writes a short rationale built from the row
   (question, caption, correct choice) inside the think block; the default leaves the block empty, which
   is how DeepSeek's models answer when no thinking is needed.

@@ -74,7 +74,7 @@ def test_sample_output_contract(processed_tiny, tiny_tokenizer):
     assert set(dsd) == {"train", "validation", "test"}
     for split, ds in dsd.items():
         assert ds.column_names == ["input_ids", "labels", "source_file", "source_row", "question", "caption",
-                                   "choices", "answer_label"]
+                                   "choices", "answer_label", "truncated"]
         assert str(ds.features["input_ids"].feature.dtype) == "int32"
         assert str(ds.features["labels"].feature.dtype) == "int32"
         assert ds.data.table.schema.field("input_ids").type.value_type.bit_width == 32
