@@ -3,7 +3,7 @@
 - score: `answers.score_choices`, one forward pass per batch of questions, no generation. The
   prediction is the choice with the highest summed log-probability; the byte-normalised variant
   (lm-eval's acc_norm) is reported as `accuracy_norm`.
-- generate: greedy, batched, left-padded generation (`generation.generate_batch`), then
+- generate: greedy, batched, left-padded generation (`generation.generate_ids`), then
   `answers.extract_answer`; answers it can't parse count as wrong and are reported as unparseable.
   An answer states a letter and (in the trained format) the choice text after it; the two are read
   separately: `accuracy_letter` (the letter is the gold one), `accuracy_text` (the choice the text names,
