@@ -66,13 +66,14 @@ def split_reasoning(text: str) -> tuple[str, str, bool]:
     return "", text.strip(), True
 
 
-_L = r"((?-i:[A-D]))"  # upper case even under IGNORECASE: "the answer is a tumor" is not choice A
+_LC = f"[{re.escape(LETTER_SET)}]"  # the choice letters (prompts.LETTERS), as a regex class
+_L = f"((?-i:{_LC}))"  # upper case even under IGNORECASE: "the answer is a tumor" is not choice A
 _END = r"(?![A-Za-z0-9])"  # the letter stands alone: "B" but not "Both" or "B12"
 _BOXED = re.compile(r"\\boxed\s*\{\s*(?:\\text\s*\{\s*)?\(?" + _L + _END)
 _ANSWER_LINE = re.compile(
     r"answer\s*(?:is|:|=|-)?\s*(?:[:\-]\s*)?(?:\*\*|__)?\s*(?:option|choice)?\s*[\(\[\{]?\s*(?:\*\*)?"
     # a lower-case letter only when nothing follows it ("answer: c"), never "answer is a tumor"
-    + r"(?:" + _L + _END + r"|((?-i:[a-d]))(?=\s*(?:[\.\):,]|$)))", re.IGNORECASE | re.MULTILINE)
+    + r"(?:" + _L + _END + r"|((?-i:" + _LC.lower() + r"))(?=\s*(?:[\.\):,]|$)))", re.IGNORECASE | re.MULTILINE)
 # Looser forms, tried only when the answer states no boxed letter or answer line.
 _RULES: list[tuple[str, re.Pattern]] = [
     ("bold", re.compile(r"\*\*\s*\(?" + _L + r"\)?\s*[\.\):]?\s*" + _END)),
@@ -82,7 +83,7 @@ _RULES: list[tuple[str, re.Pattern]] = [
 ]
 
 # Any letter used as a choice marker ("B)", "(B)", "C.") - a loose match with a second one is ambiguous.
-_MARKER = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-D])\)|([A-D])[\.\):](?=\s|$))")
+_MARKER = re.compile(r"(?<![A-Za-z0-9])(?:\((" + _LC + r")\)|(" + _LC + r")[\.\):](?=\s|$))")
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,7 +94,7 @@ def _template_pattern(template: str) -> re.Pattern:
     for literal, name, _spec, _conv in string.Formatter().parse(template):
         parts += [r"\s*" if piece.isspace() else re.escape(piece) for piece in re.split(r"(\s+)", literal) if piece]
         if name == "letter":
-            parts.append(r"(?P<letter>(?-i:[A-D]))" + _END)
+            parts.append(r"(?P<letter>(?-i:" + _LC + r"))" + _END)
         elif name == "text":
             parts.append(r"(?P<text>[^\n]*[^\s*])")
         elif name is not None:
