@@ -32,8 +32,13 @@ $(VENV)/.installed: requirements.txt
 tiny: setup
 	$(PYTHON) -m pmcvqa_sft.tiny
 
-test: setup
+test: setup $(VENV)/.installed-test
 	$(PYTHON) -m pytest tests -q -ra
+
+# the test-only packages (serving engine extras, openai client, lm-eval): requirements-test.txt
+$(VENV)/.installed-test: requirements-test.txt requirements.txt $(VENV)/.installed
+	$(PYTHON) -m pip install -q -r requirements-test.txt
+	touch $@
 
 # The whole pipeline on the embedded tiny model and the bundled sample: real 8-bit bitsandbytes + PEFT
 # on the CPU, no network. DEMO_STEPS / DEMO_LR follow docs/BENCHMARKS.md's learning measurements.

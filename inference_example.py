@@ -9,6 +9,9 @@ Commands (offline, with the embedded tiny model; replace `tiny` / the adapter fo
         --compare_base --output_dir runs/demo/eval
     python inference_example.py --adapter runs/demo/model --merge_and_save runs/demo/merged
     python inference_example.py --model runs/demo/merged --demo
+    python inference_example.py --adapter runs/demo/model --serve            # http://127.0.0.1:8000/v1
+    python inference_example.py --adapter runs/demo/model --export_lm_eval runs/demo/lm_eval \\
+        --dataset_dir runs/demo/data --split test
 The real model: `--adapter runs/r1-8b-lora` (its base, deepseek-ai/DeepSeek-R1-Distill-Llama-8B, comes
 from the adapter config; 8-bit on CUDA by default). See docs/INFERENCE_AND_EVALUATION.md.
 """
@@ -39,6 +42,11 @@ def parse_args(argv=None):
     mode.add_argument("--evaluate", action="store_true", help="measure accuracy on a preprocessed split")
     mode.add_argument("--merge_and_save", metavar="DIR", default=None,
                       help="write base + adapter merged into DIR (reloads the base unquantized)")
+    mode.add_argument("--serve", action="store_true",
+                      help="serve the tuned model behind an OpenAI-compatible endpoint (docs/SERVING.md)")
+    mode.add_argument("--export_lm_eval", metavar="DIR", default=None,
+                      help="write the --evaluate --method score questions of --dataset_dir/--split as an "
+                           "lm-evaluation-harness task (YAML + data) into DIR")
     # ---- single question ----
     p.add_argument("--choices", nargs="+", default=None,
                    help='choices of --question: "MRI" "CT" ... or "A: MRI" "B: CT" ... (at most 4)')
@@ -66,6 +74,24 @@ def parse_args(argv=None):
                    help="also evaluate the base model (adapter disabled) and show both side by side")
     p.add_argument("--output_dir", default=None, help="write predictions.jsonl and metrics.json here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir / merge folder")
+    # ---- serving and lm-eval export ----
+    srv = p.add_argument_group("serving (--serve) and lm-eval export (--export_lm_eval)")
+    srv.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                     help="transformers: `transformers serve` on the merged model (CPU, small GPUs); vllm: "
+                          "`vllm serve BASE --enable-lora` (GPU, vLLM installed) (default: %(default)s)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; the engines have no authentication, so anything but "
+                          "127.0.0.1 exposes the model to the network (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    srv.add_argument("--served_model_name", default=None,
+                     help="model name clients send (default: the run folder's name)")
+    srv.add_argument("--serve_cache", metavar="DIR", default=None,
+                     help="where merged models for serving are cached, one per adapter version "
+                          "(default: ~/.cache/pmcvqa_sft/served)")
+    srv.add_argument("--ready_timeout", type=float, default=900.0,
+                     help="seconds to wait for the engine to answer before giving up (default: %(default)s)")
+    srv.add_argument("--task_name", default=None,
+                     help="lm-eval task name for --export_lm_eval (default: pmcvqa_<split>)")
     return p.parse_args(argv)
 
 
@@ -74,11 +100,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.choices and not args.question:
         raise InputError("--choices needs --question")
-    if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save):
+    if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save
+            or args.serve or args.export_lm_eval):
         raise InputError("nothing to do: pass one of --interactive, --demo, --question, --evaluate, "
-                         "--merge_and_save (see --help)")
-    if args.evaluate and not args.dataset_dir:
-        raise InputError("--evaluate needs --dataset_dir (a preprocess_pmc_vqa_for_sft.py output folder)")
+                         "--merge_and_save, --serve, --export_lm_eval (see --help)")
+    for flag in ("evaluate", "export_lm_eval"):
+        if getattr(args, flag) and not args.dataset_dir:
+            raise InputError(f"--{flag} needs --dataset_dir (a preprocess_pmc_vqa_for_sft.py output folder)")
+    if args.serve:  # every serving flag is checked before anything is merged or loaded
+        from pmcvqa_sft import serving
+        if not args.adapter:
+            raise InputError("--serve needs --adapter (the training output folder to serve)")
+        return serving.serve(args.adapter, args.model, args.engine, args.host, args.port, args.quantization,
+                             args.serve_cache, args.served_model_name, args.ready_timeout)
+    if args.export_lm_eval:
+        from pmcvqa_sft import lm_eval_task
+        lm_eval_task.export(args.export_lm_eval, args.dataset_dir, args.split, args.num_samples, args.model,
+                            args.adapter, args.letter_only, args.task_name, args.overwrite)
+        return 0
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
