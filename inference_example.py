@@ -126,6 +126,12 @@ def main(argv=None) -> int:
         return 0
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.compare_base and not args.adapter:
+        raise InputError("--compare_base needs --adapter (it compares the base model with the adapter)")
+    from pmcvqa_sft.generation import check_sampling
+    check_sampling(args.temperature, args.top_p)
 
     from pmcvqa_sft import inference
     choices = inference.normalize_choices(args.choices) if args.choices else None  # fail before loading

@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     summary = {k: report[k] for k in ("rows_read", "kept", "skipped", "truncated", "splits", "disk_ratio",
                                       "wall_s", "rows_per_s")}
     print(json.dumps(summary, indent=1))
+    for split, paths in report["ignored_files"].items():
+        print(f"note: not read ({split}): {', '.join(paths)}")
     print(f"saved to {args.output_dir} (report: preprocess_report.json, examples: examples.json)")
     return 0
 

@@ -43,7 +43,7 @@ def sequential_generate(model, tokenizer, rows, max_new_tokens: int) -> list[str
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0,
                                  top_p=1.0, pad_token_id=tokenizer.eos_token_id)
         text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        preds.append(extract_answer(prompts.THINK_OPEN + text, r["choices"]).letter)
+        preds.append(extract_answer(prompts.THINK_OPEN + text, r["choices"]).strict_letter)
     return preds
 
 

@@ -3,8 +3,11 @@
 Two ways to get a multiple-choice prediction:
 - `extract_answer(text, choices)`: parse free text the model generated. The think block is ignored
   (a letter inside the reasoning is not an answer); the answer part is matched against, in order,
-  `\\boxed{B}`, `Answer: B` / `the answer is (B)`, `**B**`, `(B)`, a leading `B.` / `B)` / lone `B`,
-  `option B`, and finally the text of exactly one choice. Anything else is unparseable (letter None).
+  `\\boxed{B}`, the trained answer line (its pattern is built from `prompts.ANSWER_TEMPLATE*`, so an
+  edited wording is still parsed) or `Answer: B` / `the answer is (B)`, `**B**`, `(B)`, a leading
+  `B.` / `B)` / lone `B`, `option B`, and finally the text of exactly one choice. Anything else is
+  unparseable (letter None). The letter and the choice text written after it are returned separately
+  (`letter`, `text_letter`); when they disagree the extraction is a `conflict`.
 - `score_choices(model, tokenizer, items)`: no generation. Each choice's whole answer turn in the
   exact training format (`prompts.candidate_contents`, target tokens built like
   `encoding.encode_conversation`: content minus the prompt's `<think>\\n`, + EOS) is scored by the sum of
@@ -14,7 +17,9 @@ Two ways to get a multiple-choice prediction:
 """
 from __future__ import annotations
 
+import functools
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -30,10 +35,23 @@ LETTER_SET = prompts.LETTERS
 
 @dataclass
 class Extraction:
-    letter: str | None          # None = unparseable
+    letter: str | None          # the letter the answer states (from the choice text when it states no
+                                # letter); None = unparseable
     method: str                 # which rule matched ("none" when unparseable)
     answer_text: str            # the text after the think block
     reasoning: str              # the text inside the think block
+    text_letter: str | None = None  # the choice whose whole text is written after the letter, if any
+    stated_text: str = ""       # what is written after the letter (`Answer: B. <this>`)
+
+    @property
+    def conflict(self) -> bool:
+        """`Answer: D. Ultrasound` where Ultrasound is choice A: the letter and the text disagree."""
+        return bool(self.letter and self.text_letter and self.text_letter != self.letter)
+
+    @property
+    def strict_letter(self) -> str | None:
+        """The letter, unless the text names another choice (then no answer: it is self-contradictory)."""
+        return None if self.conflict else self.letter
 
 
 def split_reasoning(text: str) -> tuple[str, str, bool]:
@@ -48,14 +66,16 @@ def split_reasoning(text: str) -> tuple[str, str, bool]:
     return "", text.strip(), True
 
 
-_L = r"((?-i:[A-D]))"  # upper case even under IGNORECASE: "the answer is a tumor" is not choice A
+_LC = f"[{re.escape(LETTER_SET)}]"  # the choice letters (prompts.LETTERS), as a regex class
+_L = f"((?-i:{_LC}))"  # upper case even under IGNORECASE: "the answer is a tumor" is not choice A
 _END = r"(?![A-Za-z0-9])"  # the letter stands alone: "B" but not "Both" or "B12"
+_BOXED = re.compile(r"\\boxed\s*\{\s*(?:\\text\s*\{\s*)?\(?" + _L + _END)
+_ANSWER_LINE = re.compile(
+    r"answer\s*(?:is|:|=|-)?\s*(?:[:\-]\s*)?(?:\*\*|__)?\s*(?:option|choice)?\s*[\(\[\{]?\s*(?:\*\*)?"
+    # a lower-case letter only when nothing follows it ("answer: c"), never "answer is a tumor"
+    + r"(?:" + _L + _END + r"|((?-i:" + _LC.lower() + r"))(?=\s*(?:[\.\):,]|$)))", re.IGNORECASE | re.MULTILINE)
+# Looser forms, tried only when the answer states no boxed letter or answer line.
 _RULES: list[tuple[str, re.Pattern]] = [
-    ("boxed", re.compile(r"\\boxed\s*\{\s*(?:\\text\s*\{\s*)?\(?" + _L + _END)),
-    ("answer_line", re.compile(
-        r"answer\s*(?:is|:|=|-)?\s*(?:[:\-]\s*)?(?:\*\*|__)?\s*(?:option|choice)?\s*[\(\[\{]?\s*(?:\*\*)?"
-        # a lower-case letter only when nothing follows it ("answer: c"), never "answer is a tumor"
-        + r"(?:" + _L + _END + r"|((?-i:[a-d]))(?=\s*(?:[\.\):,]|$)))", re.IGNORECASE | re.MULTILINE)),
     ("bold", re.compile(r"\*\*\s*\(?" + _L + r"\)?\s*[\.\):]?\s*" + _END)),
     ("paren", re.compile(r"[\(\[]\s*" + _L + r"\s*[\)\]]")),
     ("letter_start", re.compile(r"^\s*(?:[\"'`*_]\s*)*" + _L + r"\s*(?:[\.\):,]|$|\s+-\s)", re.MULTILINE)),
@@ -63,7 +83,23 @@ _RULES: list[tuple[str, re.Pattern]] = [
 ]
 
 # Any letter used as a choice marker ("B)", "(B)", "C.") - a loose match with a second one is ambiguous.
-_MARKER = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-D])\)|([A-D])[\.\):](?=\s|$))")
+_MARKER = re.compile(r"(?<![A-Za-z0-9])(?:\((" + _LC + r")\)|(" + _LC + r")[\.\):](?=\s|$))")
+
+
+@functools.lru_cache(maxsize=8)
+def _template_pattern(template: str) -> re.Pattern:
+    """An answer-line template of prompts.py (`Answer: {letter}. {text}`) as a regex: its words literal
+    (case-insensitive, any spacing), `{letter}` an upper-case choice letter, `{text}` the rest of the line."""
+    parts = []
+    for literal, name, _spec, _conv in string.Formatter().parse(template):
+        parts += [r"\s*" if piece.isspace() else re.escape(piece) for piece in re.split(r"(\s+)", literal) if piece]
+        if name == "letter":
+            parts.append(r"(?P<letter>(?-i:" + _LC + r"))" + _END)
+        elif name == "text":
+            parts.append(r"(?P<text>[^\n]*[^\s*])")
+        elif name is not None:
+            raise ValueError(f"answer template {template!r}: unknown field {{{name}}} (use {{letter}}, {{text}})")
+    return re.compile("".join(parts), re.IGNORECASE)
 
 
 def _norm(s: str) -> str:
@@ -74,10 +110,37 @@ def _letters_of(pattern: re.Pattern, text: str) -> list[str]:
     return [next(g for g in m.groups() if g).upper() for m in pattern.finditer(text)]
 
 
+def _final_answer(answer: str, valid) -> tuple[str, str, str | None] | None:
+    """(rule, letter, text written after it or None) of the answer's stated final answer: a `\\boxed{B}`,
+    else its last answer line, in the trained format (prompts.ANSWER_TEMPLATE*) or a common wording
+    (`Answer: B`, `the answer is (B)`): a restated final answer wins."""
+    boxed = [x for x in _letters_of(_BOXED, answer) if x in valid]
+    if boxed:
+        return "boxed", boxed[-1], None
+    hits = []  # (position, has text, letter, text)
+    for m in _template_pattern(prompts.ANSWER_TEMPLATE).finditer(answer):
+        hits.append((m.start(), 1, m["letter"], m.groupdict().get("text")))
+    for m in _template_pattern(prompts.ANSWER_TEMPLATE_LETTER_ONLY).finditer(answer):
+        hits.append((m.start(), 0, m["letter"], None))
+    for m in _ANSWER_LINE.finditer(answer):
+        hits.append((m.start(), 0, next(g for g in m.groups() if g).upper(), None))
+    hits = [h for h in hits if h[2] in valid]
+    if not hits:
+        return None
+    _pos, _has, letter, text = max(hits, key=lambda h: h[:2])
+    return "answer_line", letter, text
+
+
 def _text_after_letter(answer: str, letter: str) -> str:
-    """`Answer: B. Magnetic resonance imaging` -> `Magnetic resonance imaging` (first line only)."""
-    m = re.search(rf"answer\s*(?:is)?\s*:?\s*\(?{letter}\)?\s*[\.\):]\s*([^\n]+)", answer, re.IGNORECASE)
-    return m.group(1).strip() if m else ""
+    """`Answer: B. Magnetic resonance imaging` / `B) Magnetic ...` -> `Magnetic resonance imaging`
+    (first line only; the trained template first, then the common `<letter>.`/`)`/`:` forms)."""
+    texts = [m["text"] for m in _template_pattern(prompts.ANSWER_TEMPLATE).finditer(answer)
+             if m["letter"] == letter and m.groupdict().get("text")]
+    if texts:
+        return texts[-1].strip()
+    m = re.search(rf"(?:answer\s*(?:is)?\s*:?\s*|^\W*)\(?{letter}\)?\s*[\.\):]\s*([^\n]+)", answer,
+                  re.IGNORECASE | re.MULTILINE)
+    return m.group(1).strip(" *_") if m else ""
 
 
 def _exact_choice(text: str, choices: Mapping[str, str]) -> str | None:
@@ -103,33 +166,37 @@ def _by_choice_text(answer: str, choices: Mapping[str, str]) -> str | None:
 
 
 def extract_answer(text: str, choices: Mapping[str, str] | None = None) -> Extraction:
-    """The letter the model chose in `text` (a whole assistant turn, think block included or not)."""
+    """The letter the model chose in `text` (a whole assistant turn, think block included or not).
+
+    `letter` is the letter the answer states; `text_letter` the choice whose whole text is written
+    after it. When the two disagree (`Answer: D. Ultrasound`, Ultrasound being A) `conflict` is true:
+    the evaluation counts such an answer right only by its letter AND its text, never by one alone.
+    """
     reasoning, answer, closed = split_reasoning(text)
     if not closed or not answer:
         return Extraction(None, "none", answer, reasoning)
     valid = set(choices) if choices else set(LETTER_SET)
+
+    def found(letter: str, method: str, stated: str | None = None) -> Extraction:
+        stated = _text_after_letter(answer, letter) if stated is None else stated.strip()
+        named = _exact_choice(stated, choices) if choices and stated else None
+        return Extraction(letter, method, answer, reasoning, named, stated)
+
+    final = _final_answer(answer, valid)
+    if final:
+        return found(final[1], final[0], final[2])
     for name, pattern in _RULES:
-        found = [x for x in _letters_of(pattern, answer) if x in valid]
-        if not found:
+        letters = [x for x in _letters_of(pattern, answer) if x in valid]
+        if not letters:
             continue
-        if name in ("boxed", "answer_line"):
-            letter = found[-1]  # a restated final answer wins
-            stated = _text_after_letter(answer, letter)
-            named = _exact_choice(stated, choices) if choices and stated else None
-            if named and named != letter:
-                # "Answer: C. <the text of choice B>": letter and text disagree. The whole text is the
-                # more specific statement (our target format writes both), so it decides; the
-                # evaluation report counts these conflicts ("letter_text_conflict").
-                return Extraction(named, "letter_text_conflict", answer, reasoning)
-            return Extraction(letter, name, answer, reasoning)
         markers = {x for x in _letters_of(_MARKER, answer) if x in valid}
-        if len(set(found) | markers) == 1:
-            return Extraction(found[0], name, answer, reasoning)
+        if len(set(letters) | markers) == 1:
+            return found(letters[0], name)
         break  # conflicting loose matches ("A) ... or B)"): fall through to the choice text
     if choices:
         letter = _by_choice_text(answer, choices)
         if letter:
-            return Extraction(letter, "choice_text", answer, reasoning)
+            return Extraction(letter, "choice_text", answer, reasoning, letter, answer)
     return Extraction(None, "none", answer, reasoning)
 
 
@@ -163,14 +230,18 @@ class ChoiceScores:
 
 @dataclass
 class ScoreItem:
-    """One question to score: the user turn text and its choices."""
+    """One question to score: the user turn text and its choices. `prompt_ids`: the exact prompt tokens
+    to score after (a preprocessed row's trained prompt); None = render `user_text` with the template."""
     user_text: str
     choices: dict[str, str]
+    prompt_ids: list[int] | None = None
 
 
 def build_score_rows(encoder: PromptEncoder, items: Sequence[ScoreItem], letter_only: bool = False):
     """Per question: its prompt ids and, per choice, the target ids (training format) and byte length."""
-    prompt_ids = encoder.prompt_ids([it.user_text for it in items])
+    to_render = [it.user_text for it in items if it.prompt_ids is None]
+    rendered = iter(encoder.prompt_ids(to_render) if to_render else [])
+    prompt_ids = [list(it.prompt_ids) if it.prompt_ids is not None else next(rendered) for it in items]
     out = []
     for it, p in zip(items, prompt_ids):
         contents = prompts.candidate_contents(it.choices, letter_only=letter_only)

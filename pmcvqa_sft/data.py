@@ -7,7 +7,9 @@ Two schemas (see docs in ../shared/DESIGN.md):
         `Answer` is the LETTER; `Caption` is the figure caption.
 
 `read_pmc_vqa_csv` returns `MCQRecord`s plus `ReadStats`; rows that cannot be used are skipped and
-counted under a short reason (`empty_question`, `fewer_than_2_choices`, `invalid_label`). Input that
+counted under a short reason (`empty_question`, `fewer_than_2_choices`, `invalid_label`,
+`duplicate_choices`: the gold answer's text is also another choice's text, so no letter is right alone).
+Rows kept although two wrong choices share a text are counted in `duplicate_distractors`. Input that
 cannot be read at all raises `InputError` (one line, naming file / row / column).
 
 Rows are CSV records as the parser counts them (quoted fields may span lines; blank lines are not
@@ -25,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, where
-
-LETTERS = ("A", "B", "C", "D")
+from .prompts import LETTERS  # the one definition of the choice letters
 CHOICE_COLUMNS = tuple(f"Choice {x}" for x in LETTERS)
 V1_COLUMNS = ("Figure_path", "Question", "Answer", *CHOICE_COLUMNS, "Answer_label")
 V2_COLUMNS = ("index", "Figure_path", "Caption", "Question", *CHOICE_COLUMNS, "Answer", "split")
@@ -56,6 +57,7 @@ class MCQRecord:
     answer_label: str
     caption: str | None  # None for v1; the cleaned caption (maybe "") for v2
     figure_path: str
+    truncated: str = ""  # set by preprocessing: "caption" / "question" when it cut that to fit
 
 
 @dataclass
@@ -65,12 +67,14 @@ class ReadStats:
     skipped: Counter = field(default_factory=Counter)
     label_text_mismatch: int = 0  # kept, the label won over a disagreeing answer text
     resolved_from_text: int = 0   # invalid label, gold letter found from the answer text
+    duplicate_distractors: int = 0  # kept, but two wrong choices have the same text (gold text unique)
 
     def to_dict(self) -> dict:
         return {"rows_read": self.rows_read, "kept": self.kept,
                 "skipped": dict(sorted(self.skipped.items())),
                 "label_text_mismatch": self.label_text_mismatch,
-                "resolved_from_text": self.resolved_from_text}
+                "resolved_from_text": self.resolved_from_text,
+                "duplicate_distractors": self.duplicate_distractors}
 
     def merge(self, other: "ReadStats") -> "ReadStats":
         """Add `other` into self (in place) and return self."""
@@ -79,6 +83,7 @@ class ReadStats:
         self.skipped.update(other.skipped)
         self.label_text_mismatch += other.label_text_mismatch
         self.resolved_from_text += other.resolved_from_text
+        self.duplicate_distractors += other.duplicate_distractors
         return self
 
 
@@ -332,20 +337,28 @@ def _validate_rows(records, mine, version, name, questions, figures, captions, c
             ans_text = clean_cell(ans)
         else:
             gold, ans_text = parse_label(ans)
+        mismatch = resolved = False
         if gold is not None and gold in choices:
-            if ans_text and ans_text != choices[gold] and _norm(choices[gold]) not in _answer_forms(ans_text):
-                mine.label_text_mismatch += 1
+            mismatch = bool(ans_text and ans_text != choices[gold]
+                            and _norm(choices[gold]) not in _answer_forms(ans_text))
         elif version == "1" and ans_text:
             forms = _answer_forms(ans_text)
             hits = [k for k, v in choices.items() if _norm(v) in forms]
             if len(hits) != 1:
                 skipped["invalid_label"] += 1
                 continue
-            gold = hits[0]
-            mine.resolved_from_text += 1
+            gold, resolved = hits[0], True
         else:
             skipped["invalid_label"] += 1
             continue
+        texts = [_norm(v) for v in choices.values()]
+        if len(set(texts)) < len(texts):
+            if texts.count(_norm(choices[gold])) > 1:  # `A:MRI,B:MRI` with gold A: B is as right as A
+                skipped["duplicate_choices"] += 1
+                continue
+            mine.duplicate_distractors += 1
+        mine.label_text_mismatch += mismatch
+        mine.resolved_from_text += resolved
         records.append(MCQRecord(
             source_file=name, source_row=i, question=q, choices=choices, answer_label=gold,
             caption=None if cap is None else clean_cell(cap), figure_path=clean_cell(fig)))

@@ -9,6 +9,8 @@ Columns of every row:
     question       the cleaned question;  caption  v2 caption or "" (provenance; the prompt already holds it)
     choices        struct {A, B, C, D} of strings, None where the question has no such choice
     answer_label   the resolved gold letter
+    truncated      "" or what preprocessing cut to fit --max_length ("caption", "question"); the prompt
+                   in input_ids is the one trained (and evaluated), the question column the full text
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ ADAPTER_DIR = "adapter"
 RUN_CARD = "run_card.json"
 EXAMPLES_NAME = "examples.json"
 TOKEN_COLUMNS = ("input_ids", "labels")
-PROVENANCE_COLUMNS = ("source_file", "source_row", "question", "caption", "choices", "answer_label")
+PROVENANCE_COLUMNS = ("source_file", "source_row", "question", "caption", "choices", "answer_label", "truncated")
 
 
 def row_choices(row) -> dict[str, str]:

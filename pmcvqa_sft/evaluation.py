@@ -3,8 +3,19 @@
 - score: `answers.score_choices`, one forward pass per batch of questions, no generation. The
   prediction is the choice with the highest summed log-probability; the byte-normalised variant
   (lm-eval's acc_norm) is reported as `accuracy_norm`.
-- generate: greedy, batched, left-padded generation (`generation.generate_batch`), then
+- generate: greedy, batched, left-padded generation (`generation.generate_ids`), then
   `answers.extract_answer`; answers it can't parse count as wrong and are reported as unparseable.
+  An answer states a letter and (in the trained format) the choice text after it; the two are read
+  separately: `accuracy_letter` (the letter is the gold one), `accuracy_text` (the choice the text names,
+  or the letter when no choice text is written, is the gold one) and the headline `accuracy`, strict: the
+  letter is the gold one AND the text, when it names a choice, names that same one.
+  `letter_text_conflict` counts answers whose letter and text name different choices (`Answer: D.
+  Ultrasound` with Ultrasound = A); they are never right under `accuracy`.
+Prompts: each row is scored / answered after exactly the prompt it was trained with, the prompt part
+of its stored `input_ids` (labels -100): a question preprocessing cut to fit `--max_length` is
+evaluated cut, never re-rendered in full (which the model never saw and which may not fit). Only a
+dataset made with another tokenizer or chat template than the model's is re-rendered from its text.
+`truncated_rows` counts the rows whose prompt preprocessing had shortened.
 Report: accuracy with its 95 % Wilson interval, the split's majority-letter baseline, per-letter accuracy,
 the confusion matrix, the unparseable rate, questions/s. `--compare_base` runs the same questions with
 the adapter disabled too. Outputs `predictions.jsonl` and `metrics.json`, written atomically.
@@ -21,12 +32,12 @@ from typing import Sequence
 
 from . import prompts
 from .answers import ScoreItem, extract_answer, score_choices
-from .encoding import assistant_turn, render_prompt, template_hash
+from .encoding import IGNORE_INDEX, PromptEncoder, assistant_turn, render_prompt, template_hash, tokenizer_hash
 from .dataset_io import load_processed, row_choices
 from . import atomic
 from .atomic import atomic_dir
 from .errors import InputError
-from .generation import GenerationSettings, generate_batch
+from .generation import GenerationSettings, generate_ids
 
 NEED_COLUMNS = ("question", "choices", "answer_label")
 DEFAULT_EVAL_MAX_NEW_TOKENS = 96
@@ -54,10 +65,13 @@ def load_eval_rows(dataset_dir, split: str = "test", num_samples: int | None = N
         if num_samples < 1:
             raise InputError(f"--num_samples must be at least 1, got {num_samples}")
         ds = ds.select(range(min(num_samples, len(ds))))
-    keep = [c for c in ("question", "choices", "answer_label", "caption", "source_file", "source_row")
-            if c in ds.column_names]
+    keep = [c for c in ("question", "choices", "answer_label", "caption", "source_file", "source_row",
+                        "truncated", "input_ids", "labels") if c in ds.column_names]
     rows = []
     for i, r in enumerate(ds.select_columns(keep)):
+        ids, labels = r.pop("input_ids", None), r.pop("labels", None)
+        if ids is not None and labels is not None:  # the trained prompt: the -100 part before the target
+            r["prompt_ids"] = ids[:next((k for k, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))]
         choices = row_choices(r)
         if r["answer_label"] not in choices:
             raise InputError(f"dataset '{dataset_dir}' split '{split}' row {i}: answer_label "
@@ -79,7 +93,7 @@ def _user_text(row: dict, include_caption: bool = False) -> str:
 
 def predict_score(model, tokenizer, rows, batch_size=16, letter_only=False, system_prompt=None,
                   progress=True, include_caption=False) -> list[dict]:
-    items = [ScoreItem(_user_text(r, include_caption), r["choices"]) for r in rows]
+    items = [ScoreItem(_user_text(r, include_caption), r["choices"], r.get("prompt_ids")) for r in rows]
     scores = score_choices(model, tokenizer, items, batch_size=batch_size, letter_only=letter_only,
                            system_prompt=system_prompt, progress=progress)
     return [{"pred": s.letter, "pred_norm": s.letter_norm,
@@ -90,19 +104,23 @@ def predict_score(model, tokenizer, rows, batch_size=16, letter_only=False, syst
 def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAULT_EVAL_MAX_NEW_TOKENS,
                      system_prompt=None, progress=True, include_caption=False) -> list[dict]:
     from tqdm.auto import tqdm
-    msgs = [([{"role": "system", "content": system_prompt}] if system_prompt else [])
-            + [{"role": "user", "content": _user_text(r, include_caption)}] for r in rows]
-    texts = [render_prompt(tokenizer, m) for m in msgs]
+    sys_msg = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    enc = [r["prompt_ids"] if r.get("prompt_ids") is not None else tokenizer(
+        render_prompt(tokenizer, sys_msg + [{"role": "user", "content": _user_text(r, include_caption)}]),
+        add_special_tokens=False)["input_ids"] for r in rows]
     settings = GenerationSettings(do_sample=False, max_new_tokens=max_new_tokens)
-    order = sorted(range(len(rows)), key=lambda i: len(texts[i]))  # less left padding per batch
+    order = sorted(range(len(rows)), key=lambda i: len(enc[i]))  # less left padding per batch
     out: list[dict | None] = [None] * len(rows)
     for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
         idx = order[start:start + batch_size]
-        for i, g in zip(idx, generate_batch(model, tokenizer, [texts[i] for i in idx], settings)):
-            raw = assistant_turn(texts[i], g.text)
+        for i, g in zip(idx, generate_ids(model, tokenizer, [enc[i] for i in idx], settings)):
+            # the prompt's last tokens tell whether it opened the think block (DeepSeek's `<think>\n`)
+            raw = assistant_turn(tokenizer.decode(enc[i][-8:], skip_special_tokens=False), g.text)
             ext = extract_answer(raw, rows[i]["choices"])
-            out[i] = {"pred": ext.letter, "output": g.text, "extraction": ext.method,
-                      "finished": g.finished, "new_tokens": len(g.token_ids)}
+            out[i] = {"pred": ext.strict_letter, "pred_letter": ext.letter,
+                      "pred_text": ext.text_letter or ext.letter, "conflict": ext.conflict,
+                      "output": g.text, "extraction": ext.method,
+                      "finished": g.finished, "new_tokens": len(g.token_ids), "prompt_tokens": len(enc[i])}
     return out  # type: ignore[return-value]
 
 
@@ -117,18 +135,30 @@ def compute_metrics(rows, preds, seconds: float, method: str) -> dict:
         idx = [i for i, g in enumerate(golds) if g == letter]
         ok = sum(preds[i]["pred"] == letter for i in idx)
         per_letter[letter] = {"n": len(idx), "correct": ok, "accuracy": ok / len(idx)}
-        row = Counter(preds[i]["pred"] or "none" for i in idx)
-        confusion[letter] = {k: row.get(k, 0) for k in letters + ["none"]}
-    unparseable = sum(p["pred"] is None for p in preds)
+        row = Counter(_shown(preds[i]) for i in idx)
+        confusion[letter] = {k: row.get(k, 0) for k in letters + (["conflict"] if method == "generate" else [])
+                             + ["none"]}
+    unparseable = sum(p["pred"] is None and not p.get("conflict") for p in preds)
     m = {"method": method, "n": n, "correct": correct, "accuracy": correct / n, "ci95": [lo, hi],
          "unparseable": unparseable, "unparseable_rate": unparseable / n, "per_letter": per_letter,
-         "confusion": confusion, "pred_counts": dict(Counter(p["pred"] or "none" for p in preds)),
+         "confusion": confusion, "pred_counts": dict(Counter(_shown(p) for p in preds)),
          "seconds": seconds, "questions_per_s": n / seconds if seconds > 0 else None}
-    if method == "generate":  # answers whose letter and choice text disagreed (the text decided)
-        m["letter_text_conflict"] = sum(p.get("extraction") == "letter_text_conflict" for p in preds)
+    if method == "generate":  # the letter and the choice text, read separately (module docstring)
+        conflicts = [(p, g) for p, g in zip(preds, golds) if p["conflict"]]
+        m["accuracy_definition"] = "strict: letter right and, when a choice text is written, it names the same choice"
+        m["accuracy_letter"] = sum(p["pred_letter"] == g for p, g in zip(preds, golds)) / n
+        m["accuracy_text"] = sum(p["pred_text"] == g for p, g in zip(preds, golds)) / n
+        m["letter_text_conflict"] = len(conflicts)
+        m["conflict_letter_right"] = sum(p["pred_letter"] == g for p, g in conflicts)
+        m["conflict_text_right"] = sum(p["pred_text"] == g for p, g in conflicts)
     if method == "score":
         m["accuracy_norm"] = sum(p["pred_norm"] == g for p, g in zip(preds, golds)) / n
     return m
+
+
+def _shown(pred: dict) -> str:
+    """A prediction's column in the confusion matrix / predicted-letter counts."""
+    return pred["pred"] or ("conflict" if pred.get("conflict") else "none")
 
 
 def evaluate_model(model, tokenizer, rows, method="score", batch_size=16, letter_only=False,
@@ -179,13 +209,18 @@ def format_report(results: dict[str, dict], baseline: dict) -> str:
         table.append((label, [fn(results[n]) for n in names]))
 
     row("questions", lambda m: str(m["n"]))
-    row("accuracy", lambda m: _pct(m["accuracy"]))
+    strict = any("accuracy_letter" in m for m in results.values())
+    row("accuracy (strict)" if strict else "accuracy", lambda m: _pct(m["accuracy"]))
     row("  95% CI (Wilson)", lambda m: f"{100 * m['ci95'][0]:.1f}-{100 * m['ci95'][1]:.1f}")
     if any("accuracy_norm" in m for m in results.values()):
         row("accuracy (length-norm.)", lambda m: _pct(m.get("accuracy_norm")))
     row("unparseable", lambda m: _pct(m["unparseable_rate"]))
-    if any("letter_text_conflict" in m for m in results.values()):
-        row("letter/text conflicts", lambda m: str(m.get("letter_text_conflict", "-")))
+    if strict:
+        row("accuracy by letter only", lambda m: _pct(m.get("accuracy_letter")))
+        row("accuracy by text only", lambda m: _pct(m.get("accuracy_text")))
+        row("letter/text conflicts", lambda m: f"{m['letter_text_conflict']} (letter right "
+            f"{m['conflict_letter_right']}, text right {m['conflict_text_right']})" if "letter_text_conflict"
+            in m else "-")
     for letter in sorted(baseline["gold_counts"]):
         row(f"accuracy on gold {letter}", lambda m, L=letter: _pct(m["per_letter"].get(L, {}).get("accuracy")))
     row("predicted letters", lambda m: " ".join(f"{k}{v}" for k, v in sorted(m["pred_counts"].items())))
@@ -217,6 +252,29 @@ def dataset_prompt_settings(report: dict, fallback_system_prompt=None) -> tuple[
     return system_prompt, bool(args.get("include_caption", False))
 
 
+def use_trained_prompts(rows, report: dict, tokenizer, system_prompt, include_caption, log=print) -> str:
+    """Keep the rows' stored (trained) prompt ids when the dataset was made with this tokenizer and chat
+    template; otherwise drop them, so the prompts are re-rendered. Returns which prompts are used."""
+    same = (report.get("tokenizer_hash") == tokenizer_hash(tokenizer)
+            and report.get("template_hash") == template_hash(tokenizer))
+    if not same or not rows or rows[0].get("prompt_ids") is None:
+        for r in rows:
+            r.pop("prompt_ids", None)
+        log("note: the dataset was preprocessed with another tokenizer or chat template than this model's; "
+            "evaluation re-renders the prompts from the stored text with this model's template")
+        return "re-rendered"
+    # Rows not cut by preprocessing must hold exactly what prompts.py renders now; if not, prompts.py
+    # was edited after preprocessing: say so (the trained prompts are still the ones evaluated).
+    whole = [r for r in rows if not r.get("truncated")]
+    fresh = PromptEncoder(tokenizer, system_prompt).prompt_ids(
+        [_user_text(r, include_caption) for r in whole]) if whole else []
+    changed = sum(f != r["prompt_ids"] for f, r in zip(fresh, whole))
+    if changed:
+        log(f"note: {changed} of {len(whole)} stored prompts differ from what prompts.py renders now (edited "
+            f"since preprocessing?); the stored, trained prompts are evaluated")
+    return "trained (stored input_ids)"
+
+
 def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_size=16, method="score",
                    letter_only=False, max_new_tokens=None, output_dir=None, compare_base=False,
                    overwrite=False, data=None, log=print) -> dict:
@@ -234,10 +292,8 @@ def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_si
         # empty think block would measure a format it never saw
         raise InputError(f"dataset '{dataset_dir}' was preprocessed with --reasoning brief: evaluate it with "
                          f"--method generate (--method score assumes an empty think block)")
-    if report.get("template_hash") and report["template_hash"] != template_hash(loaded.tokenizer):
-        log("note: the dataset was preprocessed with another chat template; evaluation re-renders the "
-            "prompts with this model's template, so the numbers are still valid for this model")
     system_prompt, include_caption = dataset_prompt_settings(report, loaded.system_prompt)
+    prompts_used = use_trained_prompts(rows, report, loaded.tokenizer, system_prompt, include_caption, log)
     kw = dict(method=method, batch_size=batch_size, letter_only=letter_only, system_prompt=system_prompt,
               max_new_tokens=max_new_tokens or DEFAULT_EVAL_MAX_NEW_TOKENS, include_caption=include_caption)
     runs = [("base", loaded.model.disable_adapter), ("tuned", nullcontext)] if compare_base else \
@@ -249,14 +305,19 @@ def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_si
             preds[name], results[name] = evaluate_model(loaded.model, loaded.tokenizer, rows, **kw)
     baseline = majority_baseline(rows)
     print(format_report(results, baseline))
+    truncated = sum(bool(r.get("truncated")) for r in rows) if rows and "truncated" in rows[0] else None
+    if truncated:
+        log(f"{truncated} of {len(rows)} questions were shortened by preprocessing to fit --max_length; "
+            f"they are evaluated as trained (shortened)")
     metrics = {**results, "majority_baseline": baseline, "split": split, "dataset_dir": str(dataset_dir),
+               "prompts": prompts_used, "truncated_rows": truncated,
                "method": method, "letter_only": letter_only, "base_model": loaded.base,
                "adapter": str(loaded.adapter_dir) if loaded.adapter_dir else None,
                "quantization": loaded.quantization}
     if output_dir is not None:
         records = []
         for i, r in enumerate(rows):
-            rec = {k: r.get(k) for k in ("index", "source_file", "source_row", "question", "choices")}
+            rec = {k: r.get(k) for k in ("index", "source_file", "source_row", "question", "choices", "truncated")}
             rec["gold"] = r["answer_label"]
             for name in results:
                 rec[name] = {**preds[name][i], "correct": preds[name][i]["pred"] == r["answer_label"]}

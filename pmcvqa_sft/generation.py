@@ -29,6 +29,7 @@ class GenerationSettings:
     def from_model(cls, model, temperature: float | None = None, top_p: float | None = None,
                    max_new_tokens: int | None = None, greedy: bool = False) -> "GenerationSettings":
         """The model's generation_config, overridden by whatever flag was given."""
+        check_sampling(temperature, top_p)
         gc = getattr(model, "generation_config", None)
         s = cls(do_sample=bool(getattr(gc, "do_sample", False)),
                 temperature=float(getattr(gc, "temperature", None) or 1.0),
@@ -46,6 +47,15 @@ class GenerationSettings:
     def describe(self) -> str:
         how = f"sampling (temperature {self.temperature:g}, top_p {self.top_p:g})" if self.do_sample else "greedy"
         return f"{how}, up to {self.max_new_tokens} new tokens"
+
+
+def check_sampling(temperature: float | None, top_p: float | None) -> None:
+    """One-line errors for sampling values transformers would reject (or silently misuse) later."""
+    from .errors import InputError
+    if temperature is not None and not temperature >= 0:  # `not >=` also catches nan
+        raise InputError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"--top_p must be in (0, 1], got {top_p}")
 
 
 def _generation_config(model, tokenizer, settings: GenerationSettings):
@@ -94,8 +104,13 @@ class Generated:
 
 def generate_batch(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings) -> list[Generated]:
     """Generate for several rendered prompts at once (left-padded)."""
+    return generate_ids(model, tokenizer, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                        settings)
+
+
+def generate_ids(model, tokenizer, enc: Sequence[Sequence[int]], settings: GenerationSettings) -> list[Generated]:
+    """Generate for several tokenized prompts at once (left-padded)."""
     import torch
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     gc = _generation_config(model, tokenizer, settings)
     ids, mask = left_pad(enc, gc.pad_token_id)
     dev = _device(model)

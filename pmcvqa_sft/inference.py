@@ -243,7 +243,10 @@ def parse_reply(raw: str, choices: Mapping[str, str] | None) -> tuple[str | None
     ext = extract_answer(raw, choices or {"A": "", "B": "", "C": "", "D": ""})
     if not choices:
         return None, ext.answer_text, ext.reasoning
-    text = answer_text_after_letter(ext.answer_text, ext.letter, choices) if ext.letter else ext.answer_text
+    if ext.conflict:  # `Answer: D. Ultrasound` with Ultrasound = A: show what was written, not choice D's text
+        text = ext.stated_text
+    else:
+        text = answer_text_after_letter(ext.answer_text, ext.letter, choices) if ext.letter else ext.answer_text
     return ext.letter, text, ext.reasoning
 
 

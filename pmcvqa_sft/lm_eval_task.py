@@ -42,7 +42,9 @@ def score_documents(tokenizer, rows, report: dict, card_system_prompt=None, lett
     from .encoding import PromptEncoder, encode_text
 
     system_prompt, include_caption = evaluation.dataset_prompt_settings(report, card_system_prompt)
-    items = [ScoreItem(evaluation._user_text(r, include_caption), r["choices"]) for r in rows]
+    # the prompts --evaluate scores: the stored (trained) ones when the tokenizer and template match
+    evaluation.use_trained_prompts(rows, report, tokenizer, system_prompt, include_caption, log=lambda *_: None)
+    items = [ScoreItem(evaluation._user_text(r, include_caption), r["choices"], r.get("prompt_ids")) for r in rows]
     score_rows = build_score_rows(PromptEncoder(tokenizer, system_prompt), items, letter_only)
     docs = []
     for r, (prompt_ids, letters, targets, _nbytes) in zip(rows, score_rows):

@@ -91,7 +91,47 @@ def load_tokenizer(name: str):
         raise _hub_error("tokenizer", name, exc) from None
     if tok.pad_token_id is None:  # DeepSeek sets pad = EOS; do the same for tokenizers without one
         tok.pad_token = tok.eos_token
+    check_tokenizer(tok, name)
     return ensure_chat_template(tok)
+
+
+# Plain text every usable tokenizer must encode and decode back (spacing aside).
+PROBE_TEXT = "Which organ produces bile? A. Liver (MRI, 3 mm)"
+# Characters outside any small vocabulary: a tokenizer that round-trips them maps every text to tokens.
+_BYTE_PROBE = "é中😀ß"
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def _squeeze(s: str) -> str:
+    return "".join(s.split())
+
+
+def check_tokenizer(tok, name) -> None:
+    """One-line error for a tokenizer that cannot round-trip plain text.
+
+    A folder with only `tokenizer_config.json` loads without error as a tokenizer of the special
+    tokens alone: every question, choice and answer then encodes to no tokens at all, and a whole
+    preprocessing run "succeeds" with 6-token rows."""
+    ids = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    back = tok.decode(ids, skip_special_tokens=True) if ids else ""
+    if _squeeze(back) == _squeeze(PROBE_TEXT):
+        return
+    what = f"encodes {PROBE_TEXT!r} to {'no tokens' if not ids else repr(back[:60])}"
+    folder = Path(resolve_name(str(name)))
+    if folder.is_dir():
+        have = [f for f in _VOCAB_FILES if (folder / f).is_file()]
+        what += (f"; the folder has {', '.join(have)}" if have else
+                 f"; the folder has no vocabulary file ({', '.join(_VOCAB_FILES[:2])}, ...), only "
+                 f"{', '.join(sorted(p.name for p in folder.iterdir())[:6]) or 'nothing'}")
+    raise InputError(f"tokenizer '{name}' cannot round-trip text: it {what}; pass the folder or hub id of "
+                     f"the model's complete tokenizer")
+
+
+def covers_all_text(tok) -> bool:
+    """True when characters far outside a small vocabulary round-trip (byte-level BPE, byte fallback):
+    then no non-empty text can encode to nothing, and preprocessing need not check every row."""
+    ids = tok(_BYTE_PROBE, add_special_tokens=False)["input_ids"]
+    return bool(ids) and _squeeze(tok.decode(ids, skip_special_tokens=True)) == _BYTE_PROBE
 
 
 def check_quantization(quantization: str) -> str:

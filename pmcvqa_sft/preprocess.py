@@ -13,9 +13,11 @@ A row that still does not fit is skipped as `too_long`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -49,6 +51,7 @@ def features():
         "question": Value("string"), "caption": Value("string"),
         "choices": {k: Value("string") for k in prompts.LETTERS},
         "answer_label": Value("string"),
+        "truncated": Value("string"),  # "" or what was cut to fit --max_length ("caption", "question")
     })
 
 
@@ -58,6 +61,8 @@ def parse_val_size(value) -> float | int:
         v = float(value)
     except (TypeError, ValueError):
         raise InputError(f"--val_size {value!r}: expected a fraction (0.05) or a row count (500)") from None
+    if not math.isfinite(v):  # 'inf' would crash int(), 'nan' would pass every comparison below
+        raise InputError(f"--val_size {value!r}: expected a finite fraction (0.05) or a row count (500)")
     if v < 0 or (v >= 1 and v != int(v)):
         raise InputError(f"--val_size {value!r}: expected a fraction in [0, 1) or a whole row count")
     return int(v) if v >= 1 else v
@@ -92,9 +97,25 @@ def check_output_dir(output_dir, overwrite: bool) -> Path:
     return atomic.check_output_dir(output_dir, overwrite, REPORT_NAME, "a preprocessor output")
 
 
-def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, desc, progress=True):
+def _drop_unencodable(tok, chunk, skipped):
+    """Rows whose question or gold answer text encodes to no tokens at all (a tokenizer without byte
+    fallback drops characters outside its vocabulary) would train on an empty question or answer."""
+    questions = encoding.batch_ids(tok, [r.question for r in chunk])
+    answers = encoding.batch_ids(tok, [r.choices[r.answer_label] for r in chunk])
+    out = []
+    for rec, q, a in zip(chunk, questions, answers):
+        if not q or not a:
+            skipped["question_encodes_to_nothing" if not q else "answer_encodes_to_nothing"] += 1
+        else:
+            out.append(rec)
+    return out
+
+
+def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, desc, progress=True,
+                   check_empty=False):
     """-> (kept records, prompts as (head, rest) pairs, target id lists); too-long rows counted in
-    `skipped`, shortened ones in `truncated`."""
+    `skipped`, shortened ones in `truncated`. `check_empty`: also skip rows whose question or answer
+    encodes to nothing (needed only for tokenizers that can drop characters)."""
     from tqdm.auto import tqdm
     if records:
         enc.verify([enc.messages(r) for r in records[:VERIFY_ROWS]])
@@ -104,6 +125,9 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
               disable=not progress_bars_wanted(progress) or len(records) < CHUNK) as bar:
         for start in range(0, len(records), CHUNK):
             chunk = records[start:start + CHUNK]
+            n_chunk = len(chunk)
+            if check_empty:
+                chunk = _drop_unencodable(enc.tok, chunk, skipped)
             ps, ts = enc.encode([enc.messages(r) for r in chunk])
             for rec, p, t in zip(chunk, ps, ts):
                 if len(p[0]) + len(p[1]) + len(t) > max_length:
@@ -114,10 +138,11 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
                     rest, t, what = fitted
                     p = (NO_HEAD, rest)
                     truncated[what] += 1
+                    rec = dataclasses.replace(rec, truncated=what)
                 kept.append(rec)
                 P.append(p)
                 T.append(t)
-            bar.update(len(chunk))
+            bar.update(n_chunk)
     return kept, P, T
 
 
@@ -160,6 +185,7 @@ def build_dataset(records, P, T, with_caption=True):
         "caption": pa.array([(r.caption or "") if with_caption else "" for r in records], string),
         "choices": choices,
         "answer_label": pa.array([r.answer_label for r in records], string),
+        "truncated": pa.array([r.truncated for r in records], string),
     }
     table = pa.Table.from_arrays([columns[c] for c in feats], schema=feats.arrow_schema)
     # An explicit fingerprint: otherwise datasets hashes the whole table (seconds at 177k rows).
@@ -273,9 +299,11 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
     if "train" not in source:
         raise InputError(f"--data '{data}': no usable training rows (skipped: {dict(stats.skipped)})")
     lap("read")
+    from .modeling import check_tokenizer, covers_all_text, load_tokenizer
     if tokenizer is None:
-        from .modeling import load_tokenizer
         tokenizer = load_tokenizer(tokenizer_name)
+    else:
+        check_tokenizer(tokenizer, tokenizer_name)
     encoding.ensure_chat_template(tokenizer)
     # Rows over the model's length are shortened or skipped below (counted in the report), so the
     # tokenizer's "sequence length is longer than the specified maximum" warning says nothing true here.
@@ -290,12 +318,15 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
 
     from collections import Counter
     enc = RowEncoder(tokenizer, sys_prompt, reasoning, include_caption)
+    check_empty = not covers_all_text(tokenizer)
     skipped, truncated, encoded = Counter(stats.skipped), Counter(), {}
     for split, recs in source.items():
         encoded[split] = encode_records(enc, recs, int(max_length), skipped, truncated,
-                                        f"tokenizing {split}", progress)
+                                        f"tokenizing {split}", progress, check_empty)
     if not encoded["train"][0]:
-        raise InputError(f"every training row is longer than --max_length {max_length} (skipped as too_long)")
+        why = {k: v for k, v in skipped.items() if k not in stats.skipped}
+        raise InputError(f"no training row left for --tokenizer '{tokenizer_name}' and --max_length "
+                         f"{max_length} (skipped: {why})")
     lap("encode")
     recs, P, T = encoded.pop("train")
     tr, va = _split_validation(len(recs), val_size, seed)
@@ -339,6 +370,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             "rows_read": stats.rows_read, "kept": kept, "skipped": dict(sorted(skipped.items())),
             "unused_by_max_samples": unused,
             "label_text_mismatch": stats.label_text_mismatch, "resolved_from_text": stats.resolved_from_text,
+            "duplicate_distractors": stats.duplicate_distractors,
             "truncated": dict(sorted(truncated.items())),
             "splits": {s: len(v[0]) for s, v in parts.items()},
             "token_lengths": {"prompt": _stats(all_p), "target": _stats(all_t),

@@ -11,14 +11,16 @@ Rules these defaults follow, and why:
   `<｜Assistant｜><think>\n`. `encoding.py` removes the part the generation prompt already holds, so the
   trained target is exactly what the model must produce after the real inference prompt.
 - The answer line is `Answer: B. <choice text>`: the letter is what we score, the text after it makes
-  learning easier (a tiny model cannot map letters to answers it knows without it) and lets the
-  extractor in `answers.py` recover the letter from either part.
+  learning easier (a tiny model cannot map letters to answers it knows without it). `answers.py`
+  builds its parser from `ANSWER_TEMPLATE*` below, so editing the wording here keeps answers readable;
+  the evaluation checks that the letter and the text agree.
 - Reasoning: PMC-VQA ships no rationales. `--reasoning brief` writes a short rationale built from the row
   (question, caption, correct choice) inside the think block; the default leaves the block empty, which
   is how DeepSeek's models answer when no thinking is needed.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 LETTERS = "ABCD"
@@ -53,9 +55,17 @@ def format_user_prompt(question: str, choices: Mapping[str, str] | None = None,
     return "\n\n".join(parts)
 
 
+# The answer line the model learns to write. `answers.py` builds its parser from these two templates,
+# so an edited wording is trained AND parsed (tests/test_answers.py proves the round trip).
+ANSWER_TEMPLATE = "Answer: {letter}. {text}"
+ANSWER_TEMPLATE_LETTER_ONLY = "Answer: {letter}"
+
+
 def answer_line(letter: str, text: str | None = None) -> str:
     """`Answer: B. Magnetic resonance imaging` (or `Answer: B` when the text is unknown)."""
-    return f"Answer: {letter}. {text}" if text else f"Answer: {letter}"
+    if text:
+        return ANSWER_TEMPLATE.format(letter=letter, text=text)
+    return ANSWER_TEMPLATE_LETTER_ONLY.format(letter=letter)
 
 
 def make_reasoning(question: str, choices: Mapping[str, str], letter: str,
@@ -98,17 +108,27 @@ def candidate_contents(choices: Mapping[str, str], letter_only: bool = False) ->
 
 
 def split_choices_arg(values: Sequence[str]) -> dict[str, str]:
-    """`--choices "MRI" "CT"` or `--choices "A: MRI" "B: CT"` -> {"A": "MRI", "B": "CT"}."""
+    """`--choices "MRI" "CT"` or `--choices "A: MRI" "B: CT"` -> {"A": "MRI", "B": "CT"}.
+
+    Choices are lettered by position; a written letter must be that position's letter (a `"B: MRI"`
+    given first, or a letter given twice, is an error rather than a silently relettered choice)."""
+    if len(values) < 2:
+        raise ValueError(f"a multiple-choice question needs at least 2 choices, got {len(values)}")
+    if len(values) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} choices, got {len(values)}")
     out = {}
     for i, raw in enumerate(values):
-        text = raw.strip()
-        letter = LETTERS[i] if i < len(LETTERS) else None
-        if letter is None:
-            raise ValueError(f"at most {len(LETTERS)} choices, got {len(values)}")
-        for sep in (":", ".", ")"):
-            if len(text) > 1 and text[0].upper() == letter and text[1] == sep:
-                text = text[2:].strip()
-                break
+        text, letter = raw.strip(), LETTERS[i]
+        written = re.match(r"([A-Za-z])\s*([:.)])\s*", text) if len(text) > 1 else None
+        if written and written.group(1).upper() in LETTERS:
+            if written.group(1).upper() != letter:
+                if written.group(2) == ".":  # "C. difficile" as choice A is a name, not a letter
+                    out[letter] = text
+                    continue
+                again = "repeats a letter" if written.group(1).upper() in out else "is out of order"
+                raise ValueError(f"choice {i + 1} {raw.strip()!r} {again}: choices are lettered by position "
+                                 f"({', '.join(LETTERS[:len(values)])}); give them in that order")
+            text = text[written.end():].strip()
         if not text:
             raise ValueError(f"choice {letter} is empty")
         out[letter] = text

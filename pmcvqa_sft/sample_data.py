@@ -23,8 +23,9 @@ import csv
 import random
 from pathlib import Path
 
+from .prompts import LETTERS  # the one definition of the choice letters
+
 SEED = 20261127
-LETTERS = ("A", "B", "C", "D")
 V1_HEADER = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D",
              "Answer_label"]
 V2_HEADER = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C",

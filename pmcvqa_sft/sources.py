@@ -67,6 +67,9 @@ def _folder_splits(folder: Path, version: str | None) -> dict[str, list[Path]]:
         for n in ("train_2.csv", "test_2.csv"):
             if n in present:
                 out[PMC_FILES[n][1]] = [present[n]]
+    other = [p for n, p in present.items() if PMC_FILES[n][0] != version]
+    if other:  # the two schemas are never mixed: name what was left out (the report's ignored_files)
+        out[f"ignored_v{'2' if version == '1' else '1'}"] = other
     return out
 
 
@@ -103,7 +106,8 @@ def resolve_data_files(data: str, cache_dir=None, version: str | None = None) ->
       train.csv; "test" = test_clean.csv (the paper's 2,000-row test set) when present, else
       test.csv; when both are present test.csv is also exposed as "test_full" (a superset of
       "test"). v2: "train" = train_2.csv, "test" = test_2.csv. `version` ("1"/"2") picks one
-      schema; by default v1 when any v1 file is present, else v2 (never mixed).
+      schema; by default v1 when any v1 file is present, else v2 (never mixed). The other version's
+      files present in the folder are listed under "ignored_v2" / "ignored_v1" (not read).
     - otherwise a Hub dataset id such as 'xmcmic/PMC-VQA': downloads only the CSVs with
       `hf_hub_download` (v1: train.csv + test_clean.csv; `version="2"`: train_2.csv + test_2.csv)
       into the Hub cache (`cache_dir`). With HF_HUB_OFFLINE set only the local cache is used.

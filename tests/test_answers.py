@@ -90,16 +90,43 @@ def test_batched_scores_equal_unpadded_reference(tiny_dir, tiny_tokenizer):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("text, want, method", [
-    ("<think>\n\n</think>\n\nAnswer: C. Magnetic resonance imaging", "B", "letter_text_conflict"),
-    ("</think>\n\nAnswer: B. Magnetic resonance imaging", "B", "answer_line"),
-    ("</think>\n\nAnswer: A. something not offered", "A", "answer_line"),
-    ("</think>\n\nThe answer is (D). X-ray", "D", "answer_line"),
+@pytest.mark.parametrize("text, letter, text_letter", [
+    ("<think>\n\n</think>\n\nAnswer: C. Magnetic resonance imaging", "C", "B"),   # conflict
+    ("</think>\n\nAnswer: D. Ultrasound", "D", "A"),                               # the demo's case
+    ("</think>\n\nAnswer: B. Magnetic resonance imaging", "B", "B"),
+    ("</think>\n\nAnswer: A. something not offered", "A", None),
+    ("</think>\n\nThe answer is (D). X-ray", "D", "D"),
+    ("</think>\n\nC) Magnetic resonance imaging", "C", "B"),                       # loose form, conflict
+    ("</think>\n\nAnswer: B", "B", None),
 ])
-def test_letter_text_conflict_text_decides_and_is_named(text, want, method):
+def test_letter_and_text_are_both_read(text, letter, text_letter):
+    """The stated letter is the answer; the choice its text names is kept beside it, and a row whose two
+    disagree is a conflict with no strict answer (never scored by the text alone)."""
     choices = {"A": "Ultrasound", "B": "Magnetic resonance imaging", "C": "CT", "D": "X-ray"}
     got = extract_answer(text, choices)
-    assert (got.letter, got.method) == (want, method)
+    assert (got.letter, got.text_letter) == (letter, text_letter)
+    conflict = text_letter is not None and text_letter != letter
+    assert got.conflict == conflict and got.strict_letter == (None if conflict else letter)
+
+
+@pytest.mark.parametrize("full, short", [
+    ("Final answer: ({letter}) {text}", "Final answer: ({letter})"),
+    ("Verdict => {letter} / {text}", "Verdict => {letter}"),   # a wording no generic rule knows
+])
+def test_edited_answer_format_still_parses(monkeypatch, full, short):
+    """prompts.py is the one source of the answer format: an edited template is trained (answer_line)
+    and parsed (answers.py builds its pattern from it)."""
+    from pmcvqa_sft import prompts
+    monkeypatch.setattr(prompts, "ANSWER_TEMPLATE", full)
+    monkeypatch.setattr(prompts, "ANSWER_TEMPLATE_LETTER_ONLY", short)
+    assert prompts.answer_line("B", CH["B"]) == full.format(letter="B", text=CH["B"])
+    for letter in CH:
+        got = extract_answer(prompts.assistant_content(letter, CH[letter]), CH)
+        assert (got.letter, got.text_letter, got.method) == (letter, letter, "answer_line"), got
+        only = extract_answer(prompts.assistant_content(letter), CH)
+        assert (only.letter, only.method) == (letter, "answer_line"), only
+    wrong = extract_answer(prompts.assistant_content("C", CH["B"]), CH)   # letter and text disagree
+    assert wrong.conflict and (wrong.letter, wrong.text_letter) == ("C", "B")
 
 
 def test_article_a_is_not_choice_a():

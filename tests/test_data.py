@@ -192,7 +192,7 @@ def test_stats_merge_and_accumulate(tmp_path):
     recs, s2 = read_pmc_vqa_csv(b, total)
     assert s1 is total and s2 is total and len(recs) == 1
     assert total.to_dict() == {"rows_read": 3, "kept": 2, "skipped": {"fewer_than_2_choices": 1},
-                               "label_text_mismatch": 1, "resolved_from_text": 0}
+                               "label_text_mismatch": 1, "resolved_from_text": 0, "duplicate_distractors": 0}
     m = ReadStats(rows_read=1, kept=1).merge(ReadStats(rows_read=2, skipped=Counter(x=2)))
     assert m.rows_read == 3 and m.skipped["x"] == 2
 
@@ -279,9 +279,11 @@ def test_resolve_folder_v1_v2(tmp_path):
         (tmp_path / n).write_text("x\n")
     got = resolve_data_files(str(tmp_path))
     assert got == {"train": [tmp_path / "train.csv"], "test": [tmp_path / "test_clean.csv"],
-                   "test_full": [tmp_path / "test.csv"]}
+                   "test_full": [tmp_path / "test.csv"],
+                   "ignored_v2": [tmp_path / "train_2.csv", tmp_path / "test_2.csv"]}  # named, not read
     got2 = resolve_data_files(str(tmp_path), version="2")
-    assert got2 == {"train": [tmp_path / "train_2.csv"], "test": [tmp_path / "test_2.csv"]}
+    assert got2 == {"train": [tmp_path / "train_2.csv"], "test": [tmp_path / "test_2.csv"],
+                    "ignored_v1": [tmp_path / "train.csv", tmp_path / "test.csv", tmp_path / "test_clean.csv"]}
     (tmp_path / "test_clean.csv").unlink()
     assert resolve_data_files(str(tmp_path))["test"] == [tmp_path / "test.csv"]
     assert set(PMC_FILES) == {"train.csv", "test.csv", "test_clean.csv", "train_2.csv", "test_2.csv"}
@@ -388,7 +390,8 @@ def test_sample_files_parse_clean_and_balanced():
     for name, n in SIZES.items():
         recs, stats = read_pmc_vqa_csv(SAMPLE / name)
         assert stats.to_dict() == {"rows_read": n, "kept": n, "skipped": {},
-                                   "label_text_mismatch": 0, "resolved_from_text": 0}, name
+                                   "label_text_mismatch": 0, "resolved_from_text": 0,
+                                   "duplicate_distractors": 0}, name
         assert all(len(r.choices) == 4 for r in recs)
         counts = Counter(r.answer_label for r in recs)
         assert set(counts) == set("ABCD")
@@ -465,3 +468,17 @@ def test_unreachable_hub_fails_fast_with_the_offline_hint(tmp_path, monkeypatch)
     with pytest.raises(InputError, match="data/sample") as err:
         resolve_data_files("xmcmic/PMC-VQA", cache_dir=tmp_path / "cache")
     assert time.monotonic() - t < 5 and "unreachable" in str(err.value)
+
+
+# ---------------------------------------------------------------- duplicate choices
+def test_duplicate_choices_skipped_or_counted(tmp_path):
+    p = v1(tmp_path,
+           "f.jpg,Which?,MRI,A:MRI,B:MRI,C:CT,D:X-ray,A",      # gold text twice: B is as right as A -> skip
+           "f.jpg,Which?,CT,A:CT,B:CT,C:CT,D:CT,C",            # all four the same -> skip
+           "f.jpg,Which?,MRI,A:MRI,B:CT,C: ct ,D:X-ray,A",     # two wrong choices alike: kept, counted
+           "f.jpg,Which?,MRI,A:MRI,B:CT,C:PET,D:X-ray,A")      # clean
+    recs, stats = read_pmc_vqa_csv(p)
+    assert [r.source_row for r in recs] == [2, 3]
+    assert stats.skipped == Counter({"duplicate_choices": 2})
+    assert stats.duplicate_distractors == 1 and stats.to_dict()["duplicate_distractors"] == 1
+    assert stats.rows_read == stats.kept + sum(stats.skipped.values())

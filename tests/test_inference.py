@@ -274,3 +274,86 @@ def test_score_refuses_a_reasoning_dataset(processed_tiny):
     loaded = SimpleNamespace(has_adapter=False, tokenizer=None, system_prompt=None)
     with pytest.raises(InputError, match="--method generate"):
         evaluation.run_evaluation(loaded, processed_tiny, method="score", data=(rows, {**report, "reasoning": "brief"}))
+
+
+def test_bad_flags_fail_before_any_model_load(tmp_path, capsys):
+    """Each bad value is a one-line error (exit 2) even with a --model that does not exist: it is
+    checked before anything is loaded (a later check would report the missing model instead)."""
+    m = ["--model", str(tmp_path / "no-such-model")]
+    q = [*m, "--question", "Which?"]
+    cases = [
+        ([*q, "--temperature", "-0.5"], "--temperature must be >= 0"),
+        ([*q, "--temperature", "nan"], "--temperature must be >= 0"),
+        ([*q, "--top_p", "0"], "--top_p must be in (0, 1]"),
+        ([*q, "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        ([*m, "--evaluate", "--dataset_dir", str(tmp_path), "--batch_size", "0"], "--batch_size must be at least 1"),
+        ([*m, "--evaluate", "--dataset_dir", str(tmp_path), "--compare_base"], "--compare_base needs --adapter"),
+        ([*q, "--choices", "MRI"], "at least 2 choices"),
+        ([*q, "--choices", "B: MRI", "C: CT"], "out of order"),
+        ([*q, "--choices", "A: MRI", "A: CT"], "repeats a letter"),
+    ]
+    for argv, needle in cases:
+        code, _, err = _cli(argv, capsys)
+        assert code == 2, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (argv, err)
+
+
+def test_choices_lettered_by_position():
+    from pmcvqa_sft.prompts import split_choices_arg
+    assert split_choices_arg(["A: MRI", "B) CT"]) == {"A": "MRI", "B": "CT"}
+    # a species name is not a letter: "C. difficile" as the first choice stays its text
+    assert split_choices_arg(["C. difficile", "E. coli"]) == {"A": "C. difficile", "B": "E. coli"}
+
+
+def test_truncated_rows_are_evaluated_with_the_trained_prompt(loaded, known_rows, tmp_path, capsys):
+    """A question preprocessing cut to fit --max_length is scored and answered after exactly the prompt
+    it was trained with (the stored input_ids), not the full question re-rendered; the cut rows are
+    counted in the metrics."""
+    import csv
+
+    import torch
+
+    from pmcvqa_sft import evaluation
+    from pmcvqa_sft.dataset_io import load_processed
+    from pmcvqa_sft.preprocess import run_preprocess
+
+    def write(path, long_rows):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D",
+                        "Answer_label"])
+            for i, r in enumerate(known_rows[:8]):
+                q = r["question"] + (" Look at the figure carefully." * 30 if i in long_rows else "")
+                cells = [f"{k}:{v}" for k, v in r["choices"].items()]
+                w.writerow([f"f{i}.jpg", q, r["choices"][r["answer_label"]], *cells, r["answer_label"]])
+        return path
+
+    tok = loaded.tokenizer
+    short = run_preprocess(data=str(write(tmp_path / "short.csv", ())), tokenizer_name="tiny", tokenizer=tok,
+                           output_dir=str(tmp_path / "short"), val_size=0, progress=False)
+    max_length = short["token_lengths"]["total"]["max"] + 10
+    out = tmp_path / "cut"
+    rep = run_preprocess(data=str(write(tmp_path / "cut.csv", (1, 4, 6))), tokenizer_name="tiny", tokenizer=tok,
+                         output_dir=str(out), val_size=0, max_length=max_length, progress=False)
+    assert rep["truncated"] == {"question": 3} and rep["kept"] == 8
+    ds = load_processed(out)[0]["train"]
+    assert [r["truncated"] for r in ds].count("question") == 3
+
+    metrics = evaluation.run_evaluation(loaded, out, split="train", method="score", output_dir=tmp_path / "e1",
+                                        log=lambda *_: None)
+    assert metrics["truncated_rows"] == 3 and metrics["prompts"] == "trained (stored input_ids)"
+    preds = [json.loads(x) for x in (tmp_path / "e1" / "predictions.jsonl").read_text().splitlines()]
+    for row, rec in zip(ds, preds):  # the gold choice's score = the stored row's own target log-prob
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            lp = torch.log_softmax(loaded.model(input_ids=ids).logits[0].float(), -1)
+        ref = sum(lp[i - 1, row["input_ids"][i]].item() for i in range(1, len(row["labels"]))
+                  if row["labels"][i] != -100)
+        assert rec["tuned"]["logprob"][rec["gold"]] == pytest.approx(ref, abs=2e-3), (rec["truncated"], ref)
+
+    metrics = evaluation.run_evaluation(loaded, out, split="train", method="generate", max_new_tokens=24,
+                                        output_dir=tmp_path / "e2", log=lambda *_: None)
+    preds = [json.loads(x) for x in (tmp_path / "e2" / "predictions.jsonl").read_text().splitlines()]
+    for row, rec in zip(ds, preds):
+        assert rec["tuned"]["prompt_tokens"] == row["labels"].count(-100) < max_length
+    assert metrics["truncated_rows"] == 3

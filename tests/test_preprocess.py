@@ -75,7 +75,7 @@ def test_sample_output_contract(processed_tiny, tiny_tokenizer):
     assert set(dsd) == {"train", "validation", "test"}
     for split, ds in dsd.items():
         assert ds.column_names == ["input_ids", "labels", "source_file", "source_row", "question", "caption",
-                                   "choices", "answer_label"]
+                                   "choices", "answer_label", "truncated"]
         assert str(ds.features["input_ids"].feature.dtype) == "int32"
         assert str(ds.features["labels"].feature.dtype) == "int32"
         assert ds.data.table.schema.field("input_ids").type.value_type.bit_width == 32
@@ -240,9 +240,20 @@ def test_validation_split_is_seeded(tmp_path, tiny_tokenizer):
 
 def test_val_size_parsing():
     assert parse_val_size("0.05") == 0.05 and parse_val_size("500") == 500 and parse_val_size(0) == 0
-    for bad in ("-1", "abc", "2.5"):
+    for bad in ("-1", "abc", "2.5", "inf", "nan", "-inf"):
         with pytest.raises(InputError):
             parse_val_size(bad)
+
+
+@pytest.mark.parametrize("bad", ["inf", "nan"])
+def test_val_size_not_finite_is_one_line_error_before_tokenizer(bad, tmp_path, capsys):
+    import preprocess_pmc_vqa_for_sft as script
+    from pmcvqa_sft.errors import run_main
+    with pytest.raises(SystemExit) as exc:  # a tokenizer that does not exist: the check comes first
+        run_main(lambda: script.main(["--data", str(SAMPLE), "--tokenizer", str(tmp_path / "no-tok"),
+                                      "--output_dir", str(tmp_path / "out"), "--val_size", bad]))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and f"--val_size '{bad}'" in err, err
 
 
 def test_max_samples_counts_unused_rows(tmp_path, tiny_tokenizer):
@@ -308,7 +319,7 @@ def test_truncation_cuts_caption_first_then_skips_too_long(tmp_path, tiny_tokeni
     out2, rep2 = run(tmp_path, path, tok, "tiny_len", max_length=no_cap_len - 15, val_size=0)
     assert rep2["skipped"].get("too_long", 0) >= 1
     assert rep2["rows_read"] == rep2["kept"] + sum(rep2["skipped"].values())
-    with pytest.raises(InputError, match="longer than --max_length"):
+    with pytest.raises(InputError, match="no training row left .*'too_long': 3"):
         run(tmp_path, path, tok, "none_fit", max_length=20, val_size=0)
 
 
@@ -499,3 +510,64 @@ def test_all_skipped_test_file_gives_no_test_split(tmp_path, tiny_tokenizer):
     assert "test" not in report["splits"] and report["skipped"] == {"fewer_than_2_choices": 1}
     dsd, _ = load_processed(out)
     assert "test" not in dsd and len(dsd["train"]) > 0
+
+
+def test_mixed_v1_v2_folder_names_the_ignored_files(tmp_path, tiny_dir, capsys):
+    """data/sample holds v1 and v2 files: v1 is read, and the v2 files are named as not read."""
+    import preprocess_pmc_vqa_for_sft as script
+    assert script.main(["--data", str(SAMPLE), "--tokenizer", str(tiny_dir), "--output_dir",
+                        str(tmp_path / "o"), "--max_samples", "8", "--val_size", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: not read (ignored_v2): {SAMPLE / 'train_2.csv'}, {SAMPLE / 'test_2.csv'}" in out, out
+    report = load_processed(tmp_path / "o")[1]
+    assert report["ignored_files"]["ignored_v2"] == [str(SAMPLE / "train_2.csv"), str(SAMPLE / "test_2.csv")]
+
+
+# ---------------------------------------------------------------- tokenizers that lose text
+def test_tokenizer_without_vocabulary_is_refused(tmp_path, capsys):
+    """A folder with only tokenizer_config.json loads as a tokenizer of special tokens alone: every
+    question and answer would encode to nothing (6-token rows, exit 0). Refused in one line."""
+    import preprocess_pmc_vqa_for_sft as script
+    from pmcvqa_sft.errors import run_main
+    folder = tmp_path / "config_only"  # like the real model folder without tokenizer.json
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "added_tokens_decoder": {"0": {"content": "<s>", "special": True},
+                                 "1": {"content": "</s>", "special": True}}}))
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: script.main(["--data", str(SAMPLE / "test.csv"), "--tokenizer", str(folder),
+                                      "--output_dir", str(tmp_path / "o")]))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert f"tokenizer '{folder}' cannot round-trip text" in err and "no vocabulary file" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def _ascii_only_tokenizer():
+    """A word-piece BPE with no byte fallback and no unknown token: characters outside its vocabulary
+    are silently dropped (as by some real tokenizers), so a Chinese question encodes to nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pmcvqa_sft import sample_data
+    from pmcvqa_sft.modeling import PROBE_TEXT
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = [*sample_data.all_text(), PROBE_TEXT, "### Question: Response: Answer: <think> </think>"]
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def test_rows_that_encode_to_nothing_are_skipped_and_named(tmp_path):
+    from pmcvqa_sft.modeling import covers_all_text
+    tok = _ascii_only_tokenizer()
+    assert not covers_all_text(tok)
+    rows = simple_rows(4) + [("\u809d\u810f\u4ea7\u751f\u4ec0\u4e48\uff1f", ["A: Liver", "B:Heart"], "A"),
+                             ("Which organ produces bile? (x)", ["A: \u809d\u810f", "B:Heart"], "A")]
+    out, rep = run(tmp_path, write_v1(tmp_path / "d.csv", rows), tok, val_size=0)
+    assert rep["skipped"] == {"question_encodes_to_nothing": 1, "answer_encodes_to_nothing": 1}
+    assert rep["kept"] == 4 and rep["rows_read"] == rep["kept"] + sum(rep["skipped"].values())
+    only_bad = write_v1(tmp_path / "bad.csv", rows[4:5])
+    with pytest.raises(InputError, match="no training row left .*question_encodes_to_nothing"):
+        run(tmp_path, only_bad, tok, "o2", val_size=0)
