@@ -42,7 +42,7 @@ def make_processor(image_processor, tokenizer, chat_template: str | None = None)
                               chat_template=chat_template or getattr(tokenizer, "chat_template", None))
 
 
-def _read_chat_template(path: str) -> str | None:
+def _read_chat_template(path: str, **hub_kwargs) -> str | None:
     """The processor-level chat template of a local folder or hub repo, if it ships one."""
     import json
     import os
@@ -52,7 +52,7 @@ def _read_chat_template(path: str) -> str | None:
     for name in ("chat_template.jinja", "chat_template.json"):
         try:
             found = path + os.sep + name if os.path.isdir(path) else cached_file(
-                path, name, _raise_exceptions_for_missing_entries=False)
+                path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         except OSError:
             found = None
         if found and os.path.isfile(found):
@@ -62,16 +62,28 @@ def _read_chat_template(path: str) -> str | None:
 
 
 def load_processor(name_or_path: str) -> ImageTextProcessor:
-    """`tiny-vision` (built on demand), a local folder or a hub id -> tokenizer + PIL image processor."""
+    """`tiny-vision` (built on demand), a local folder or a hub id -> tokenizer + PIL image processor.
+
+    The processor's chat template (chat_template.jinja/.json, as the hub repos ship it) is also set on
+    the tokenizer, so text rendered by either is the same. Hub failures are one-line errors.
+    """
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from .modeling import _hub_error, _hub_kwargs
     from .tiny_vision import resolve
 
     path = resolve(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    return make_processor(image_processor, tokenizer, _read_chat_template(path))
+    kw = _hub_kwargs(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kw)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("processor", name_or_path, exc) from None
+    template = _read_chat_template(path, **kw) or getattr(tokenizer, "chat_template", None)
+    if template:
+        tokenizer.chat_template = template
+    return make_processor(image_processor, tokenizer, template)
 
 
 def image_token_id(processor) -> int:
