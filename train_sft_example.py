@@ -4,6 +4,9 @@
 Commands (see docs/TRAINING.md):
     # one GPU, 8-bit base (default), 3 epochs
     python train_sft_example.py --dataset_dir data/processed/pmc_vqa --output_dir runs/r1-8b-lora
+    # an image model (8-bit LoRA on the language model, vision tower frozen); see docs/VISION.md
+    python train_sft_example.py --model Qwen/Qwen2.5-VL-7B-Instruct --dataset_dir data/processed/pmc_vqa_vl \
+        --output_dir runs/qwen25vl-lora --max_pixels 401408
     # offline demo on the embedded tiny model (CPU, about a minute)
     python train_sft_example.py --model tiny --dataset_dir runs/demo/processed --output_dir runs/demo/train \
         --quantization 8bit --learning_rate 1e-3 --per_device_train_batch_size 16 \
@@ -65,6 +68,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--logging_steps", type=int, default=10, help="log the train loss every N steps")
     p.add_argument("--report_to", default="tensorboard", help="tensorboard or none")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    # ---- image-text-to-text models (--model tiny-vision, Qwen/Qwen2.5-VL-7B-Instruct, ...) ----
+    v = p.add_argument_group("image models", "used when --model is an image-text-to-text model")
+    v.add_argument("--max_pixels", type=int, default=512 * 28 * 28,
+                   help="cap on each figure's width x height after resizing (aspect ratio kept); Qwen2.5-VL "
+                        "spends one token per 28x28 pixels, so the default allows 512 image tokens")
+    v.add_argument("--train_vision", choices=["none", "merger", "lora"], default="none",
+                   help="none: vision tower and projector frozen; merger: also train the projector (merger) "
+                        "in full; lora: projector + LoRA on the vision blocks")
+    v.add_argument("--images", default=None,
+                   help="where the figures are now (folder or zip), when they moved since preprocessing")
     # ---- output / resume ----
     p.add_argument("--output_dir", default="runs/sft", help="run folder: adapter/, checkpoints, run card")
     p.add_argument("--resume_from_checkpoint", default=None,

@@ -92,16 +92,20 @@ class Generated:
     finished: bool        # EOS reached (False = cut by max_new_tokens)
 
 
-def generate_batch(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings) -> list[Generated]:
-    """Generate for several rendered prompts at once (left-padded)."""
+def generate_batch(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
+                   inputs: dict | None = None) -> list[Generated]:
+    """Generate for several rendered prompts at once (left-padded). `inputs`: the model inputs built
+    already (image models: left-padded ids with expanded image tokens, pixel_values, ...) instead."""
     import torch
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     gc = _generation_config(model, tokenizer, settings)
-    ids, mask = left_pad(enc, gc.pad_token_id)
+    if inputs is None:
+        enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids, mask = left_pad(enc, gc.pad_token_id)
+        inputs = {"input_ids": ids, "attention_mask": mask}
     dev = _device(model)
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc)
-    new = out[:, ids.shape[1]:].tolist()
+        out = model.generate(**{k: v.to(dev) for k, v in inputs.items()}, generation_config=gc)
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
     results = []
     for row in new:
         eos = tokenizer.eos_token_id
@@ -113,21 +117,25 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], settings: Generatio
 
 
 def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
-                    stats: dict | None = None) -> Iterator[str]:
-    """Yield decoded text pieces while generating; `stats` receives n_tokens and finished at the end."""
+                    stats: dict | None = None, inputs: dict | None = None) -> Iterator[str]:
+    """Yield decoded text pieces while generating; `stats` receives n_tokens and finished at the end.
+    `inputs`: prebuilt model inputs of the one prompt (image models), as in `generate_batch`."""
     import torch
     from transformers import TextIteratorStreamer
 
     gc = _generation_config(model, tokenizer, settings)
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=_device(model))
+    if inputs is None:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = {k: v.to(_device(model)) for k, v in inputs.items()}
+    ids = inputs["input_ids"]
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=False)
     holder: dict = {}
 
     def work():
         try:
             with torch.no_grad():
-                holder["out"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               generation_config=gc, streamer=streamer)
+                holder["out"] = model.generate(**inputs, generation_config=gc, streamer=streamer)
         except BaseException as exc:  # surface errors of the worker thread in the caller
             holder["error"] = exc
             streamer.end()

@@ -48,6 +48,9 @@ warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enabl
 
 def resolve_name(name: str) -> str:
     from . import tiny
+    if name == "tiny-vision":  # the embedded image model (vision_model.py)
+        from . import tiny_vision
+        return str(tiny_vision.resolve(name))
     return tiny.resolve(name)
 
 
