@@ -66,7 +66,9 @@ def test_columns_report_and_no_pixels(processed):
     assert (img["kind"], img["prefix"], img["checked"], img["rows_checked"]) == ("zip", "figures", 600, 1000)
     assert img["figures_used"] == 600 and img["skipped"] == {} and img["root"] == str(ZIP.resolve())
     assert img["image_tokens"]["min"] == img["image_tokens"]["max"] == 16
-    assert report["image_processor"]["max_pixels"] == 112 * 112 and report["image_processor"]["image_token"] == "<|image_pad|>"
+    from pmcvqa_sft.vision_collate import DEFAULT_MAX_PIXELS
+    assert report["image_processor"]["max_pixels"] == DEFAULT_MAX_PIXELS  # training's default cap
+    assert report["image_processor"]["max_pixels_arg"] is None and report["image_processor"]["image_token"] == "<|image_pad|>"
     # no pixels: the saved dataset is about the size of its tokens (a 112x112 RGB figure alone is 37 KB)
     assert report["disk_ratio_ok"] and report["disk_bytes"] < 1000 * 2000
 
