@@ -183,9 +183,9 @@ class VisionPrep:
     def row_encoder(self, tokenizer, system_prompt, reasoning, include_caption) -> ImageRowEncoder:
         return ImageRowEncoder(tokenizer, system_prompt, reasoning, include_caption, self.processor)
 
-    def extra_tokens(self, recs) -> list[int]:
-        """Per row: image tokens beyond the one stored placeholder."""
-        return [self.info[(r.source_file, r.source_row)][3] - 1 for r in recs]
+    def extra_tokens(self, rec) -> int:
+        """The row's image tokens beyond the one stored placeholder."""
+        return self.info[(rec.source_file, rec.source_row)][3] - 1
 
     def add_columns(self, feats, columns, records) -> None:
         import pyarrow as pa
