@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from collections import Counter
 import math
 import os
 import platform
@@ -102,8 +103,7 @@ def bench_check(name, zip_path, rounds, proc) -> dict:
             for i, r in enumerate(refs)]
 
     def through_prep(_):
-        VisionPrep(str(zip_path), proc, log=lambda *_: None).check({"train": recs}, "local", __import__(
-            "collections").Counter(), progress=False)
+        VisionPrep(str(zip_path), proc, log=lambda *_: None).check({"train": recs}, "local", Counter(), progress=False)
     return {"figures": len(refs), "check_figs_per_s_1thread": best_rate(one, refs, rounds),
             "full_decode_figs_per_s_1thread": best_rate(full, refs, rounds),
             "visionprep_check_figs_per_s": best_rate(through_prep, refs, rounds),

@@ -156,6 +156,14 @@ def synthetic_dataset(a, vocab: int, rows: int):
                               "source_row": list(range(rows))})
 
 
+def gpu_memory(after_load: int) -> dict:
+    """GB held by the loaded model, and the peaks allocated / reserved since the last reset."""
+    import torch
+    gb = 1024 ** 3
+    return dict(weights_gb=round(after_load / gb, 2), peak_allocated_gb=round(torch.cuda.max_memory_allocated() / gb, 2),
+                peak_reserved_gb=round(torch.cuda.max_memory_reserved() / gb, 2))
+
+
 def run_mode(a, mode: str, weights: Path, vocab: int, work: Path) -> dict:
     import torch
     from transformers import TrainerCallback
@@ -195,14 +203,12 @@ def run_mode(a, mode: str, weights: Path, vocab: int, work: Path) -> dict:
     timed = times[a.warmup:] or times
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
     step = statistics.median(timed)
-    gb = 1024 ** 3
     res = dict(mode=mode, quantization=quant, load_s=round(load_s, 1), trainable_parameters=params,
                median_step_s=round(step, 3), tokens_per_s=round(a.batch * a.seq_len / step, 1),
                trained_tokens_per_s=round(a.batch * a.target_len / step, 1), steps_timed=len(timed),
                loss_first_last=[losses[0], losses[-1]] if losses else [])
     if cuda:
-        res.update(weights_gb=round(after_load / gb, 2), peak_allocated_gb=round(torch.cuda.max_memory_allocated() / gb, 2),
-                   peak_reserved_gb=round(torch.cuda.max_memory_reserved() / gb, 2))
+        res.update(gpu_memory(after_load))
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -276,15 +282,13 @@ def run_vl_mode(a, mode: str, weights: Path, config, work: Path) -> dict:
             if type(m).__name__ == "Linear8bitLt" and type(m).__module__.startswith("bitsandbytes")]
     tokens = int(batch["attention_mask"].sum())
     image_tokens = int((batch["input_ids"] == config.image_token_id).sum())
-    gb = 1024 ** 3
     res = dict(mode=mode, quantization=quant, load_s=round(load_s, 1), trainable_parameters=params,
                tokens_per_row=tokens // a.batch, image_tokens_per_row=image_tokens // a.batch,
                median_step_s=round(step, 3), tokens_per_s=round(tokens / step, 1),
                figures_per_s=round(a.batch / step, 2), steps_timed=len(timed), loss_first_last=[losses[0], losses[-1]],
                int8_linear_layers=len(int8), int8_in_vision_tower=sum(".visual." in n for n in int8))
     if cuda:
-        res.update(weights_gb=round(after_load / gb, 2), peak_allocated_gb=round(torch.cuda.max_memory_allocated() / gb, 2),
-                   peak_reserved_gb=round(torch.cuda.max_memory_reserved() / gb, 2))
+        res.update(gpu_memory(after_load))
     del model, opt
     if cuda:
         torch.cuda.empty_cache()
