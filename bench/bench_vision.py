@@ -16,7 +16,7 @@ Measured (each the best of `--rounds` rounds; the machine may be shared):
    batch of `--batch_size` rows, figures/s: the sample at the tiny model's 112x112 cap, and the
    pmc_like figures at `--max_pixels` (448x448 by default: 256 tokens each).
 3. one training step of the tiny Qwen2.5-VL (8-bit LM, LoRA r 16 on its linear layers + the merger
-   trained, gradient checkpointing on: vismodel's defaults) on a batch of the sample: seconds per
+   trained, no gradient checkpointing: the vision demo's settings) on a batch of the sample: seconds per
    step against the collator's seconds per batch (the collator must not be the bottleneck).
 4. real-token share (non-pad / computed positions) of batches with image tokens, random order vs the
    length-grouped sampler training uses: the sample, and the sample's text with pmc_like image sizes.
@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=12, help="timed training steps (after 2 warm-up steps)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per measurement (best is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="training step with gradient checkpointing (off: the vision demo's setting)")
     p.add_argument("--seed", type=int, default=20261129, help="seed of the generated figures")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vision.json"), help="result JSON")
     return p.parse_args(argv)
@@ -128,12 +130,12 @@ def bench_collator(rows, load, proc, max_pixels, batch_size, rounds) -> dict:
             "s_per_batch": round(best / len(batches), 4), "figures_per_s": round(n / best, 1)}
 
 
-def bench_step(batch, steps) -> dict:
+def bench_step(batch, steps, gradient_checkpointing) -> dict:
     import torch
     from types import SimpleNamespace
 
     from pmcvqa_sft.vision_model import build_vision_model
-    o = SimpleNamespace(model="tiny-vision", quantization="8bit", gradient_checkpointing=True, lora_r=16,
+    o = SimpleNamespace(model="tiny-vision", quantization="8bit", gradient_checkpointing=gradient_checkpointing, lora_r=16,
                         lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", train_vision="merger")
     model, params = build_vision_model(o, log=lambda *_: None)
     model.train()
@@ -149,7 +151,8 @@ def bench_step(batch, steps) -> dict:
             times.append(time.perf_counter() - t)
     return {"s_per_step_median": round(statistics.median(times), 4), "s_per_step_min": round(min(times), 4),
             "steps": steps, "trainable_parameters": params["trainable"], "final_loss": round(loss.item(), 3),
-            "setup": "8-bit LM, LoRA r16/alpha32 on the LM's linear layers, merger trained, grad checkpointing"}
+            "setup": "8-bit LM, LoRA r16/alpha32 on the LM's linear layers, merger trained, AdamW lr 2e-3",
+            "gradient_checkpointing": gradient_checkpointing}
 
 
 def token_share(text_lens, image_tokens, batch_size, seed) -> dict:
@@ -215,7 +218,7 @@ def main(argv=None) -> int:
         from pmcvqa_sft.vision_processor import image_token_id
         batch = VisionCollator(proc.image_processor, image_token_id(proc), proc.tokenizer.pad_token_id,
                                load_sample, max_pixels=None)(rows[:a.batch_size])
-        res["train_step"] = bench_step(batch, a.steps)
+        res["train_step"] = bench_step(batch, a.steps, a.gradient_checkpointing)
         step = res["train_step"]["s_per_step_median"]
         res["collator_vs_step"] = {
             "sample_batch_s": res["collator"]["sample_112px"]["s_per_batch"], "step_s": step,

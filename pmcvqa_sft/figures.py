@@ -81,7 +81,6 @@ class FigureSource:
                 else:
                     names.add(info.filename)
             self._names = names
-            self._sizes = {i.filename: i.file_size for i in infos}
             # macOS archivers add a __MACOSX/ tree of resource forks beside the real top folder
             real = [n for n in names if not n.startswith(("__MACOSX/", "."))]
             tops = {n.split("/", 1)[0] for n in real}

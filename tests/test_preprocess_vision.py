@@ -261,8 +261,11 @@ def test_script_images_flag(tmp_path, capsys):
     (["--max_pixels", "100"], "--max_pixels needs --images"),
     (["--images", "/no/such/images.zip"], "--images '/no/such/images.zip': no such file or folder"),
     (["--images", "IMAGES", "--max_pixels", "0"], "--max_pixels 0: must be a positive"),
+    (["--images", "IMAGES", "--tokenizer", "TINY_TEXT"], "has no image processor"),
 ])
-def test_script_bad_image_args_are_one_line_errors(tmp_path, capsys, argv, msg):
+def test_script_bad_image_args_are_one_line_errors(tmp_path, capsys, argv, msg, request):
+    if "TINY_TEXT" in argv:  # the text tiny model's folder: a tokenizer, no image processor
+        argv = [a.replace("TINY_TEXT", str(request.getfixturevalue("tiny_dir"))) for a in argv]
     argv = [a.replace("IMAGES", str(ZIP)) for a in argv]
     code, _, err = run_script(["--data", str(SAMPLE), "--tokenizer", "tiny-vision", "--output_dir",
                                str(tmp_path / "o"), *argv], capsys)
