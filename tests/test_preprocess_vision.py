@@ -272,6 +272,16 @@ def test_script_bad_image_args_are_one_line_errors(tmp_path, capsys, argv, msg, 
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
 
 
+def test_test_preprocessing_script_with_images(capsys):
+    import test_preprocessing
+    code = test_preprocessing.main(["--data", str(SAMPLE), "--images", str(ZIP), "--tokenizer", "tiny-vision",
+                                    "--n", "3", "--show", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "FAIL" not in out
+    assert "PASS  processor expansion == expand_image_tokens(stored prompt)" in out
+    assert "⟦Answer: " in out and "<|image_pad|>" in out
+
+
 def test_text_datasets_say_text(processed_tiny):
     report = json.loads((processed_tiny / "preprocess_report.json").read_text())
     assert report["model_kind"] == "text" and "images" not in report
