@@ -85,7 +85,7 @@ class VisionPrep:
         if max_pixels is not None and int(max_pixels) < 1:
             raise InputError(f"--max_pixels {max_pixels}: must be a positive pixel count (e.g. 200704 = 448x448)")
         self.images, self.processor, self.cache_dir, self.log = str(images), processor, cache_dir, log
-        from .vision_collate import DEFAULT_MAX_PIXELS
+        from .vision_processor import DEFAULT_MAX_PIXELS
         self.max_pixels_arg = None if max_pixels is None else int(max_pixels)
         # the training default unless told otherwise: a row that fits here fits at training
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)

@@ -19,6 +19,10 @@ from typing import Sequence
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
+# The training default of --max_pixels (train_sft_example.py; vision_collate.DEFAULT_MAX_PIXELS is the same,
+# a test keeps them equal): 512 image tokens per figure for Qwen2/2.5-VL. Here so that preprocessing, which
+# counts image tokens with it, needs no torch.
+DEFAULT_MAX_PIXELS = 512 * 28 * 28
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 

@@ -66,8 +66,9 @@ def test_columns_report_and_no_pixels(processed):
     assert (img["kind"], img["prefix"], img["checked"], img["rows_checked"]) == ("zip", "figures", 600, 1000)
     assert img["figures_used"] == 600 and img["skipped"] == {} and img["root"] == str(ZIP.resolve())
     assert img["image_tokens"]["min"] == img["image_tokens"]["max"] == 16
-    from pmcvqa_sft.vision_collate import DEFAULT_MAX_PIXELS
-    assert report["image_processor"]["max_pixels"] == DEFAULT_MAX_PIXELS  # training's default cap
+    from pmcvqa_sft import vision_collate, vision_processor
+    assert vision_processor.DEFAULT_MAX_PIXELS == vision_collate.DEFAULT_MAX_PIXELS  # one default, two homes
+    assert report["image_processor"]["max_pixels"] == vision_processor.DEFAULT_MAX_PIXELS  # training's default cap
     assert report["image_processor"]["max_pixels_arg"] is None and report["image_processor"]["image_token"] == "<|image_pad|>"
     # no pixels: the saved dataset is about the size of its tokens (a 112x112 RGB figure alone is 37 KB)
     assert report["disk_ratio_ok"] and report["disk_bytes"] < 1000 * 2000
@@ -280,6 +281,39 @@ def test_test_preprocessing_script_with_images(capsys):
     assert code == 0 and "FAIL" not in out
     assert "PASS  processor expansion == expand_image_tokens(stored prompt)" in out
     assert "⟦Answer: " in out and "<|image_pad|>" in out
+
+
+TORCH_BLOCKER = """
+import importlib.abc, importlib.util, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ModuleNotFoundError('torch is not installed (blocked by the test)')
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split('.')[0] in ('torch', 'torchvision') else _find(name, package))
+sys.meta_path.insert(0, Block())
+sys.argv = ['preprocess_pmc_vqa_for_sft.py'] + sys.argv[1:]
+sys.path.insert(0, '.')  # the repo root (the cwd), as when the script is run from it
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_image_preprocessing_needs_no_torch(tmp_path):
+    """requirements-minimal.txt (no torch) is enough to preprocess with figures for a local model folder."""
+    import subprocess
+    import sys
+
+    from pmcvqa_sft.tiny_vision import ensure_tiny_vision
+    folder = ensure_tiny_vision()
+    (tmp_path / "run.py").write_text(TORCH_BLOCKER)
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), "--data", str(SAMPLE), "--images", str(ZIP),
+                          "--tokenizer", str(folder), "--output_dir", str(tmp_path / "o"), "--max_samples", "5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "PyTorch was not found" in out.stderr  # torch really was hidden
+    report = json.loads((tmp_path / "o" / "preprocess_report.json").read_text())
+    assert report["model_kind"] == "vision" and report["kept"] == 10
 
 
 def test_text_datasets_say_text(processed_tiny):
