@@ -133,12 +133,15 @@ def test_system_prompt_and_caption_variants_stay_exact(tmp_path, proc):
 
 
 def test_image_tokens_count_against_max_length(tmp_path, proc):
-    full = preprocess(SAMPLE, ZIP, tmp_path / "a", proc, max_samples=40, max_length=195)
-    capped = preprocess(SAMPLE, ZIP, tmp_path / "b", proc, max_samples=40, max_length=195, max_pixels=28 * 28)
-    # rows are 181-191 tokens with one placeholder: with 16 image tokens some exceed 195, with 1 none do
+    probe = preprocess(SAMPLE, ZIP, tmp_path / "p", proc, max_samples=40, max_pixels=28 * 28)
+    longest = probe["token_lengths"]["total"]["max"]  # stored rows: text + one placeholder
+    limit = longest + 14  # only the longest rows need one token less with 16 image tokens
+    full = preprocess(SAMPLE, ZIP, tmp_path / "a", proc, max_samples=40, max_length=limit)
+    capped = preprocess(SAMPLE, ZIP, tmp_path / "b", proc, max_samples=40, max_length=limit, max_pixels=28 * 28)
+    # 16 image tokens (15 beyond the placeholder) push the longest rows over the limit; 1 token does not
     shortened = lambda r: sum(r["truncated"].values()) + r["skipped"].get("too_long", 0)  # noqa: E731
     assert shortened(full) > 0 and shortened(capped) == 0
-    assert full["token_lengths"]["total"]["max"] + 15 <= 195  # the stored (unexpanded) rows + image tokens fit
+    assert full["token_lengths"]["total"]["max"] + 15 <= limit  # the stored (unexpanded) rows + image tokens fit
     assert capped["images"]["image_tokens"]["max"] == 1
     assert capped["image_processor"]["max_pixels_arg"] == 784
 
