@@ -161,14 +161,15 @@ def run_vision_evaluation(loaded, dataset_dir, split="test", num_samples=None, b
     from .evaluation import (DEFAULT_EVAL_MAX_NEW_TOKENS, check_output_dir, format_report, majority_baseline,
                              write_outputs)
     from .vision_infer import card_max_pixels
-    from .vision_train import check_model_kind, make_collator
+    from .vision_train import check_max_pixels, check_model_kind, make_collator
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     if compare_base and not loaded.has_adapter:
         raise InputError("--compare_base needs --adapter (it compares the base model with the adapter)")
     rows, report = load_vision_rows(dataset_dir, split, num_samples)
     check_model_kind(report, True, dataset_dir, loaded.base)
-    max_pixels = max_pixels or card_max_pixels(loaded.card) or (report.get("args") or {}).get("max_pixels")
+    check_max_pixels(max_pixels)
+    max_pixels = max_pixels or card_max_pixels(loaded.card)
     proc, tok = loaded.processor, loaded.processor.tokenizer
     real = make_collator(proc, loaded.model, report, max_pixels, images, dataset_dir)
     gray = make_collator(proc, loaded.model, report, max_pixels, images, dataset_dir, blank=True)
