@@ -87,6 +87,7 @@ bench: setup
 	$(PYTHON) bench/bench_preprocess.py
 	$(PYTHON) bench/bench_train.py
 	$(PYTHON) bench/bench_eval.py
+	OMP_NUM_THREADS=1 $(PYTHON) bench/bench_vision.py
 
 clean:
 	rm -rf artifacts runs

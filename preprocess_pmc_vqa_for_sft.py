@@ -65,8 +65,9 @@ def parse_args(argv=None):
                         "or 'hub' (download the release's archive, size printed first); every figure is "
                         "checked once and rows with a missing or bad figure are skipped, counted by reason")
     g.add_argument("--max_pixels", type=int, default=None,
-                   help="figure pixel cap used to count image tokens against --max_length (default: the "
-                        "processor's max_pixels); train with the same or a smaller cap")
+                   help="figure pixel cap (width x height after resizing) used to count image tokens against "
+                        "--max_length (default: 401408 = 512 x 28 x 28, train_sft_example.py's default); "
+                        "train with the same or a smaller cap")
     # ---- output ----
     p.add_argument("--output_dir", required=True, help="folder for the processed DatasetDict and reports")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")

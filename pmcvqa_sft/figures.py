@@ -81,7 +81,6 @@ class FigureSource:
                 else:
                     names.add(info.filename)
             self._names = names
-            self._sizes = {i.filename: i.file_size for i in infos}
             # macOS archivers add a __MACOSX/ tree of resource forks beside the real top folder
             real = [n for n in names if not n.startswith(("__MACOSX/", "."))]
             tops = {n.split("/", 1)[0] for n in real}
@@ -241,9 +240,9 @@ def hub_archive(repo_id: str, version: str, cache_dir=None, log=print) -> Path:
         if info is None:
             raise InputError(f"--images hub: '{repo_id}' has no {name}")
         size = getattr(info, "size", None)
-        log(f"--images hub: downloading {name} from {repo_id} "
-            f"({size / 1e9:.1f} GB) into the Hub cache" if size else
-            f"--images hub: downloading {name} from {repo_id} (size unknown) into the Hub cache")
+        shown = "size unknown" if not size else (f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB")
+        log(f"--images hub: downloading {name} from {repo_id} ({shown}) into the Hub cache "
+            f"(resumed if interrupted; later runs read the cached copy)")
     try:
         return Path(hf_hub_download(repo_id, name, repo_type="dataset", cache_dir=cache_dir,
                                     local_files_only=hub.local_only()))

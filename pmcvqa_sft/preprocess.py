@@ -95,8 +95,8 @@ def check_output_dir(output_dir, overwrite: bool) -> Path:
 
 def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, desc, progress=True, extra=None):
     """-> (kept records, prompts as (head, rest) pairs, target id lists); too-long rows counted in
-    `skipped`, shortened ones in `truncated`. `extra[i]`: tokens row i will have beyond its ids (an image
-    placeholder's expansion), counted against `max_length`."""
+    `skipped`, shortened ones in `truncated`. `extra(record)`: tokens the row will have beyond its ids (an
+    image placeholder's expansion), counted against `max_length`."""
     from tqdm.auto import tqdm
     if records:
         enc.verify([enc.messages(r) for r in records[:VERIFY_ROWS]])
@@ -105,8 +105,8 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
         for start in range(0, len(records), CHUNK):
             chunk = records[start:start + CHUNK]
             ps, ts = enc.encode([enc.messages(r) for r in chunk])
-            for j, (rec, p, t) in enumerate(zip(chunk, ps, ts)):
-                limit = max_length - (extra[start + j] if extra else 0)
+            for rec, p, t in zip(chunk, ps, ts):
+                limit = max_length - (extra(rec) if extra is not None else 0)
                 if len(p[0]) + len(p[1]) + len(t) > limit:
                     fitted = enc.fit(rec, p, t, limit)
                     if fitted is None:
@@ -296,7 +296,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
         source = vision.check(source, data, skipped, progress)
     for split, recs in source.items():
         encoded[split] = encode_records(enc, recs, int(max_length), skipped, truncated, f"tokenizing {split}",
-                                        progress, extra=vision.extra_tokens(recs) if vision is not None else None)
+                                        progress, extra=vision.extra_tokens if vision is not None else None)
     if not encoded["train"][0]:
         raise InputError(f"every training row is longer than --max_length {max_length} (skipped as too_long)")
     lap("encode")

@@ -9,8 +9,9 @@
   template's rendering tokenized with add_special_tokens=False: ONE `<|image_pad|>` per figure, not
   expanded (the expansion depends on `--max_pixels`, a training/inference choice; the collator expands
   it). The target is the answer line + EOS; the think block only where the generation prompt opens one.
-- `extra_tokens`: the tokens each placeholder will expand to (at the processor's max_pixels, or
-  `--max_pixels`) count against `--max_length`, so a row that fits here fits at training.
+- `extra_tokens`: the tokens each placeholder will expand to under `--max_pixels` (default: training's
+  default, 512 x 28 x 28 pixels = 512 tokens at most) count against `--max_length`, so a row that fits
+  here fits at training with the same or a smaller cap.
 - `add_columns`: `image` (the figure ref), `image_width`, `image_height` (int32, of the decoded figure).
   No pixels are stored: figures stay in the folder / zip and are read per batch.
 """
@@ -84,7 +85,10 @@ class VisionPrep:
         if max_pixels is not None and int(max_pixels) < 1:
             raise InputError(f"--max_pixels {max_pixels}: must be a positive pixel count (e.g. 200704 = 448x448)")
         self.images, self.processor, self.cache_dir, self.log = str(images), processor, cache_dir, log
-        self.max_pixels = None if max_pixels is None else int(max_pixels)
+        from .vision_processor import DEFAULT_MAX_PIXELS
+        self.max_pixels_arg = None if max_pixels is None else int(max_pixels)
+        # the training default unless told otherwise: a row that fits here fits at training
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
         self.settings = image_settings(processor.image_processor, self.max_pixels)
         self.token_id = image_token_id(processor)
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
@@ -179,9 +183,9 @@ class VisionPrep:
     def row_encoder(self, tokenizer, system_prompt, reasoning, include_caption) -> ImageRowEncoder:
         return ImageRowEncoder(tokenizer, system_prompt, reasoning, include_caption, self.processor)
 
-    def extra_tokens(self, recs) -> list[int]:
-        """Per row: image tokens beyond the one stored placeholder."""
-        return [self.info[(r.source_file, r.source_row)][3] - 1 for r in recs]
+    def extra_tokens(self, rec) -> int:
+        """The row's image tokens beyond the one stored placeholder."""
+        return self.info[(rec.source_file, rec.source_row)][3] - 1
 
     def add_columns(self, feats, columns, records) -> None:
         import pyarrow as pa
@@ -212,7 +216,7 @@ class VisionPrep:
             "figures_per_s": round(self.checked / self.check_s, 1) if self.check_s > 0 else None,
             "image_tokens": _stats(tokens),
         }, "image_processor": {
-            **self.settings, "max_pixels_arg": self.max_pixels,
+            **self.settings, "max_pixels_arg": self.max_pixels_arg,
             "image_token": self.processor.image_token, "image_token_id": self.token_id,
             "class": type(self.processor.image_processor).__name__,
         }}

@@ -21,7 +21,6 @@ Scripts accept `--model tiny-vision` / `--tokenizer tiny-vision`, which builds i
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -148,19 +147,8 @@ def build_tiny_vision(out_dir: str | os.PathLike = DEFAULT_DIR, overwrite: bool 
 
 def ensure_tiny_vision(out_dir: str | os.PathLike = DEFAULT_DIR, log=print) -> Path:
     """The tiny vision folder, built on first use and rebuilt when the recipe or the samples changed."""
-    from filelock import FileLock
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):  # parallel test runs / scripts build it once
-        stamp = out / "tiny_vision_build.json"
-        if stamp.exists():
-            try:
-                if json.loads(stamp.read_text()).get("recipe") == _recipe_key():
-                    return out
-            except (OSError, ValueError):
-                pass
-        return build_tiny_vision(out, overwrite=True, log=log)
+    from .tiny import ensure_built
+    return ensure_built(out_dir, "tiny_vision_build.json", _recipe_key, build_tiny_vision, log)
 
 
 def resolve(name_or_path: str) -> str:
@@ -169,16 +157,9 @@ def resolve(name_or_path: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Build the embedded tiny Qwen2.5-VL model, tokenizer and processor.")
-    p.add_argument("--out", default=str(DEFAULT_DIR), help="output folder (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
-    args = p.parse_args(argv)
-    if Path(args.out).exists() and not args.overwrite:
-        path = ensure_tiny_vision(args.out)
-    else:
-        path = build_tiny_vision(args.out, overwrite=args.overwrite)
-    print(path)
-    return 0
+    from .tiny import build_cli
+    return build_cli(argv, "Build the embedded tiny Qwen2.5-VL model, tokenizer and processor.", DEFAULT_DIR,
+                     ensure_tiny_vision, build_tiny_vision)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from typing import Sequence
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
+# The training default of --max_pixels (train_sft_example.py; vision_collate.DEFAULT_MAX_PIXELS is the same,
+# a test keeps them equal): 512 image tokens per figure for Qwen2/2.5-VL. Here so that preprocessing, which
+# counts image tokens with it, needs no torch.
+DEFAULT_MAX_PIXELS = 512 * 28 * 28
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 
@@ -61,7 +65,7 @@ def _read_chat_template(path: str, **hub_kwargs) -> str | None:
     return None
 
 
-def load_processor(name_or_path: str) -> ImageTextProcessor:
+def load_processor(name_or_path: str) -> "ImageTextProcessor":
     """`tiny-vision` (built on demand), a local folder or a hub id -> tokenizer + PIL image processor.
 
     The processor's chat template (chat_template.jinja/.json, as the hub repos ship it) is also set on
@@ -77,9 +81,14 @@ def load_processor(name_or_path: str) -> ImageTextProcessor:
     kw = _hub_kwargs(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
         raise _hub_error("processor", name_or_path, exc) from None
+    try:
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kw)
+    except (OSError, ValueError):  # a text model: its tokenizer loads, it has no preprocessor config
+        from .errors import InputError
+        raise InputError(f"'{name_or_path}' has no image processor (no preprocessor_config.json): figures need "
+                         f"an image-text model such as Qwen/Qwen2.5-VL-7B-Instruct, or tiny-vision offline") from None
     template = _read_chat_template(path, **kw) or getattr(tokenizer, "chat_template", None)
     if template:
         tokenizer.chat_template = template

@@ -21,11 +21,13 @@ for white/black squares), RGB, RGBA (translucent background) and CMYK JPEG.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import random
 import zipfile
 from pathlib import Path
+
+from .prompts import LETTERS
+from .sample_data import V2_HEADER, write_csv
 
 SEED = 20261129
 SIZE = 112
@@ -38,9 +40,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 QUESTIONS = ["What colour is the square in the figure?", "Which colour does the square have?",
              "The square shown in this image is which colour?"]
 CAPTION = "One coloured square on a noisy gray background."
-V2_HEADER = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C",
-             "Choice D", "Answer", "split"]
-LETTERS = ("A", "B", "C", "D")
 PREFIX_STYLES = ("{L}:{t}", " {L}: {t} ", "{L}: {t}", "{L}:{t} ")  # the release's uneven own prefixes
 N_TRAIN_FIGURES, ROWS_PER_TRAIN_FIGURE, N_TEST_FIGURES = 400, 2, 200
 ARCHIVE, TOP = "images_2.zip", "figures"
@@ -157,8 +156,7 @@ def write_sample(out_dir, overwrite: bool = False, seed: int = SEED) -> list[Pat
                          f"to replace them")
     (out / "demo").mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
-        with open(out / name, "w", encoding="utf-8", newline="") as f:
-            csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerows(rows)
+        write_csv(out / name, rows)
     (out / ARCHIVE).write_bytes(zip_bytes(figures))
     written = targets
     for name, data in demo_figures(files, figures).items():
