@@ -12,12 +12,7 @@ from pmcvqa_sft import vision_model
 from pmcvqa_sft.errors import InputError
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_train import one_thread  # noqa: F401,E402  (the fixture: one torch thread)
 
 
 def opts(dataset_dir, out, **kw):
