@@ -60,7 +60,7 @@ demo: setup
 # The image path end to end on the embedded tiny Qwen2.5-VL and the bundled figure sample (questions only
 # answerable by looking): 8-bit LoRA on the language model + the trained merger, then base vs tuned vs
 # blind (every figure blanked). One torch thread: two stall on a busy 2-core machine (docs/VISION.md).
-VDEMO_STEPS   ?= 300
+VDEMO_STEPS   ?= 600
 VDEMO_LR      ?= 2e-3
 VDEMO_THREADS ?= 1
 VRUN_DIR      ?= runs/demo-vision-$(shell date +%Y%m%d-%H%M%S)
