@@ -61,7 +61,7 @@ def compare_runs(folders) -> str:
     for label, d, (metrics, _), k in zip(_labels(dirs), dirs, loaded, keyed):
         models = [m for m, v in metrics.items() if isinstance(v, dict) and "accuracy" in v and "n" in v]
         for m in models:
-            preds = [{"pred": (k[q].get(m) or {}).get("pred")} for q in order]
+            preds = [{"pred": None, "pred_norm": None, **(k[q].get(m) or {})} for q in order]
             results[f"{label}:{m}"] = compute_metrics(rows, preds, 0.0, metrics[m].get("method", "score"))
     head = (f"{len(order)} questions evaluated by every folder (of "
             + ", ".join(f"{lab} {len(k)}" for lab, k in zip(_labels(dirs), keyed)) + ")")

@@ -293,8 +293,14 @@ def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: b
     base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
     log(f"merging: reloading base '{base}' UNQUANTIZED in its stored dtype (merging into 8-bit/4-bit "
         f"weights would round the LoRA update away)")
-    net = AutoModelForCausalLM.from_pretrained(modeling.resolve_name(base), dtype="auto",
-                                               device_map={"": "cpu"})
+    from transformers import AutoModelForImageTextToText
+
+    from .vision_model import is_vision_model
+    auto = AutoModelForCausalLM
+    if is_vision_model(base):  # an image model: its own auto class; the processor (image settings) goes along
+        from .vision_train import load_processor
+        tokenizer, auto = load_processor(str(training_files(adir)[0] or base))[0], AutoModelForImageTextToText
+    net = auto.from_pretrained(modeling.resolve_name(base), dtype="auto", device_map={"": "cpu"})
     try:
         net = PeftModel.from_pretrained(net, str(adir))
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -400,7 +400,7 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
         write_json(out / MARKER, dataclasses.asdict(o), default=str)
     state.wait_for_everyone()
 
-    train_ds, eval_ds = (vision_train.prepare_datasets(dsd, o, processor.image_processor) if vision
+    train_ds, eval_ds = (vision_train.prepare_datasets(dsd, o, processor.image_processor, report, log) if vision
                          else prepare_datasets(dsd, o))
     log(f"train rows: {len(train_ds)}; validation rows: {len(eval_ds) if eval_ds is not None else 0}"
         + ("" if eval_ds is not None else " (no validation split: no eval, last checkpoint kept)"))

@@ -23,10 +23,8 @@ import torch
 
 from .collate import LENGTH_COLUMN, ROW_ID_KEY
 from .encoding import IGNORE_INDEX
+from .vision_processor import DEFAULT_MAX_PIXELS  # 512 image tokens per figure for Qwen2/2.5-VL
 
-# 512 image tokens per figure for Qwen2/2.5-VL (one token per 28 x 28 pixels): PMC figures range from
-# thumbnails to posters, and an uncapped poster is thousands of tokens.
-DEFAULT_MAX_PIXELS = 512 * 28 * 28
 VISION_COLUMNS = ("image", "image_width", "image_height")
 
 

@@ -65,12 +65,30 @@ def candidate_targets(tokenizer, choices, letter_only=False) -> tuple[list[str],
     return contents, PromptEncoder(tokenizer).target_ids(contents)
 
 
-def predict_score(model, collator, tokenizer, rows, batch_size=16, letter_only=False, progress=True):
+def sequence_logprobs(model, collator, items) -> list[float]:
+    """Sum of the log-probs of each item's target tokens after its prompt and figure, in one forward pass.
+
+    `items`: (prompt ids, target ids, figure ref). Right-padded (`collator`), logits kept only where a
+    target token is predicted (training.target_logits_only)."""
     import torch
-    from tqdm.auto import tqdm
 
     from .training import target_logits_only
     device = next(model.parameters()).device
+    feats = [{"input_ids": p + t, "labels": [-100] * len(p) + t, "image": ref} for p, t, ref in items]
+    inputs = target_logits_only(collator(feats))
+    shift = inputs.pop("shift_labels", None)
+    labels = inputs.pop("labels")
+    if shift is None:  # every position predicts a target token: all logits are kept
+        shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).logits
+    lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+    mask = shift != -100
+    return (lp.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1).tolist()
+
+
+def predict_score(model, collator, tokenizer, rows, batch_size=16, letter_only=False, progress=True):
+    from tqdm.auto import tqdm
     targets, nbytes = [], []
     for r in rows:
         contents, t = candidate_targets(tokenizer, r["choices"], letter_only)
@@ -84,23 +102,8 @@ def predict_score(model, collator, tokenizer, rows, batch_size=16, letter_only=F
     out = [None] * len(rows)
     for start in tqdm(range(0, len(rows), batch_size), desc="scoring", disable=not progress, leave=False):
         idx = list(range(start, min(start + batch_size, len(rows))))
-        feats, owner = [], []
-        for i in idx:
-            for t in targets[i]:
-                p = rows[i]["prompt_ids"]
-                feats.append({"input_ids": p + t, "labels": [-100] * len(p) + t, "image": rows[i]["image"]})
-                owner.append(i)
-        inputs = target_logits_only(collator(feats))
-        shift = inputs.pop("shift_labels", None)
-        labels = inputs.pop("labels")
-        if shift is None:  # every position is a target position (no prompt): keep all logits
-            shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-        with torch.no_grad():
-            logits = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).logits
-        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        mask = shift != -100
-        tok = lp.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        sums = tok.sum(-1).tolist()
+        sums = sequence_logprobs(model, collator, [(rows[i]["prompt_ids"], t, rows[i]["image"])
+                                                   for i in idx for t in targets[i]])
         k = 0
         for i in idx:
             letters = list(rows[i]["choices"])
@@ -161,14 +164,15 @@ def run_vision_evaluation(loaded, dataset_dir, split="test", num_samples=None, b
     from .evaluation import (DEFAULT_EVAL_MAX_NEW_TOKENS, check_output_dir, format_report, majority_baseline,
                              write_outputs)
     from .vision_infer import card_max_pixels
-    from .vision_train import check_model_kind, make_collator
+    from .vision_train import check_max_pixels, check_model_kind, make_collator
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     if compare_base and not loaded.has_adapter:
         raise InputError("--compare_base needs --adapter (it compares the base model with the adapter)")
     rows, report = load_vision_rows(dataset_dir, split, num_samples)
     check_model_kind(report, True, dataset_dir, loaded.base)
-    max_pixels = max_pixels or card_max_pixels(loaded.card) or (report.get("args") or {}).get("max_pixels")
+    check_max_pixels(max_pixels)
+    max_pixels = max_pixels or card_max_pixels(loaded.card)
     proc, tok = loaded.processor, loaded.processor.tokenizer
     real = make_collator(proc, loaded.model, report, max_pixels, images, dataset_dir)
     gray = make_collator(proc, loaded.model, report, max_pixels, images, dataset_dir, blank=True)

@@ -46,7 +46,10 @@ def open_image(path):
     p = Path(path)
     if not p.is_file():
         raise InputError(f"image '{path}' does not exist")
-    return figures.load_figure(str(p.parent), p.name, "folder")
+    try:
+        return figures.load_figure(str(p.parent), p.name, "folder")
+    except figures.FigureSkip as exc:
+        raise InputError(f"image '{path}' cannot be used: {exc}") from None
 
 
 def console_image(processor, path):

@@ -116,37 +116,16 @@ def layout(name: str) -> Layout:
     return _layout_for(resolve_name(name))
 
 
-def quantization_config(name: str, quantization: str, quant_storage=None):
-    """modeling.quantization_config with the vision tower, projector and lm_head left unquantized."""
-    from .modeling import quantization_config as text_qc
-    qc = text_qc(quantization, quant_storage)
-    if qc is not None:
-        qc.llm_int8_skip_modules = layout(name).skip_modules()
-    return qc
-
-
 def load_vision_model(name: str, quantization: str = "8bit", device_map=None, sharded: bool = False):
-    """AutoModelForImageTextToText for a hub id, folder or `tiny-vision`, the LM quantized as asked."""
+    """AutoModelForImageTextToText for a hub id, folder or `tiny-vision`: the LM quantized as asked, the
+    vision tower, projector and lm_head left unquantized."""
     from transformers import AutoModelForImageTextToText
 
-    from .modeling import (_hub_error, _hub_kwargs, check_bitsandbytes, check_quantization, compute_dtype,
-                           device_map_for_process)
+    from .modeling import check_quantization, load_model
     check_quantization(quantization)
-    check_bitsandbytes(quantization)
-    if sharded and quantization == "8bit":
-        raise InputError("8-bit bases cannot be sharded by FSDP / DeepSpeed ZeRO-3: pass --quantization 4bit "
-                         "or none")
-    path = resolve_name(name)
-    kwargs = dict(dtype=compute_dtype())
-    if not sharded:
-        kwargs["device_map"] = device_map or device_map_for_process()
-    qc = quantization_config(name, quantization, quant_storage=compute_dtype() if sharded else None)
-    if qc is not None:
-        kwargs["quantization_config"] = qc
-    try:
-        return AutoModelForImageTextToText.from_pretrained(path, **kwargs, **_hub_kwargs(path))
-    except (OSError, ValueError) as exc:
-        raise _hub_error("model", name, exc) from None
+    skip = layout(name).skip_modules() if quantization != "none" else None
+    return load_model(name, quantization, device_map, sharded, auto_class=AutoModelForImageTextToText,
+                      skip_modules=skip)
 
 
 def lora_targets(lay: Layout, target_modules: str = "all-linear", train_vision: str = "none") -> str:

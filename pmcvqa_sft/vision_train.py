@@ -42,15 +42,22 @@ def load_processor(name: str):
     return proc, tok
 
 
-def check_max_pixels(max_pixels) -> None:
+def check_max_pixels(max_pixels, report: dict | None = None, log=print) -> None:
+    """--max_pixels is at least one merged patch; a note when it exceeds the cap preprocessing counted
+    image tokens with (rows may then run past its --max_length)."""
     if max_pixels is not None and max_pixels < 28 * 28:
         raise InputError(f"--max_pixels must be at least {28 * 28} (one 28 x 28 patch), got {max_pixels}")
+    pre = ((report or {}).get("image_processor") or {}).get("max_pixels")
+    if max_pixels is not None and pre and max_pixels > pre:
+        log(f"note: --max_pixels {max_pixels} is above the {pre} preprocessing counted image tokens with; "
+            f"large figures may make rows longer than its --max_length")
 
 
-def prepare_datasets(dsd, o, image_processor):
+def prepare_datasets(dsd, o, image_processor, report=None, log=print):
     """(train, eval or None) with figure columns and a length column that counts image tokens."""
     from .collate import LENGTH_COLUMN
     from .vision_collate import VISION_COLUMNS, add_vision_length_column
+    check_max_pixels(o.max_pixels, report, log)
     if "train" not in dsd or len(dsd["train"]) == 0:
         raise InputError(f"dataset '{o.dataset_dir}' has no train rows (splits: {dict(dsd.num_rows)})")
     keep = {"input_ids", "labels", LENGTH_COLUMN, "source_row", *VISION_COLUMNS}
@@ -87,7 +94,11 @@ def figure_loader(report: dict, images: str | None = None, dataset_dir=None):
                          f"--images PATH (the folder or zip they moved to)")
 
     def load(ref):
-        return figures.load_figure(root, ref, kind)
+        try:
+            return figures.load_figure(root, ref, kind)
+        except figures.FigureSkip as exc:  # it passed preprocessing's check, so it changed since
+            raise InputError(f"figure '{ref}' of dataset '{dataset_dir}' ({root}) can no longer be read: "
+                             f"{exc}; rerun preprocess_pmc_vqa_for_sft.py --images to re-check the figures") from None
     return load
 
 

@@ -55,3 +55,16 @@ def processed_tiny(tmp_path_factory, tiny_dir) -> Path:
     out = tmp_path_factory.mktemp("processed") / "pmc_vqa_tiny"
     run_preprocess(data=str(SAMPLE_DIR), tokenizer_name=str(tiny_dir), output_dir=str(out))
     return out
+
+
+VISION_SAMPLE_DIR = ROOT / "data" / "sample_vision"
+
+
+@pytest.fixture(scope="session")
+def processed_vision(tmp_path_factory) -> Path:
+    """The bundled image sample preprocessed for the embedded tiny Qwen2.5-VL (figures read from the zip)."""
+    import preprocess_pmc_vqa_for_sft as pre
+    out = tmp_path_factory.mktemp("processed") / "pmc_vqa_vision"
+    assert pre.main(["--data", str(VISION_SAMPLE_DIR), "--images", str(VISION_SAMPLE_DIR / "images_2.zip"),
+                     "--tokenizer", "tiny-vision", "--output_dir", str(out)]) == 0
+    return out
