@@ -12,6 +12,12 @@ Commands (offline, with the embedded tiny model; replace `tiny` / the adapter fo
     python inference_example.py --adapter runs/demo/model --serve            # http://127.0.0.1:8000/v1
     python inference_example.py --adapter runs/demo/model --export_lm_eval runs/demo/lm_eval \\
         --dataset_dir runs/demo/data --split test
+    # an image model (make demo-vision): one figure, the evaluation with the blind ablation, a comparison
+    python inference_example.py --adapter runs/demo-vision/model --greedy --image data/sample_vision/demo/SYNTE0194_F1.png \\
+        --question "What colour is the square in the figure?" --choices Red Green Blue Yellow
+    python inference_example.py --adapter runs/demo-vision/model --evaluate --dataset_dir runs/demo-vision/data \\
+        --compare_base --output_dir runs/demo-vision/eval
+    python inference_example.py --compare_runs runs/demo/eval runs/demo-vision/eval
 The real model: `--adapter runs/r1-8b-lora` (its base, deepseek-ai/DeepSeek-R1-Distill-Llama-8B, comes
 from the adapter config; 8-bit on CUDA by default). See docs/INFERENCE_AND_EVALUATION.md.
 """
@@ -76,6 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--compare_base", action="store_true",
                    help="also evaluate the base model (adapter disabled) and show both side by side")
     p.add_argument("--output_dir", default=None, help="write predictions.jsonl and metrics.json here")
+    # ---- image models (--model tiny-vision, Qwen/Qwen2.5-VL-7B-Instruct, or their adapters) ----
+    v = p.add_argument_group("image models", "for image-text-to-text models (see docs/VISION.md)")
+    v.add_argument("--image", default=None, help="figure file for --question (PNG, JPEG, ...)")
+    v.add_argument("--max_pixels", type=int, default=None,
+                   help="cap on each figure's width x height after resizing (default: the training run's)")
+    v.add_argument("--images", default=None,
+                   help="--evaluate: where the dataset's figures are now (folder or zip), if they moved")
+    v.add_argument("--no_blind", action="store_true",
+                   help="--evaluate: skip the blind ablation (the model with every figure blanked)")
+    mode.add_argument("--compare_runs", nargs="+", metavar="EVAL_DIR", default=None,
+                      help="side-by-side table of several --evaluate --output_dir folders on their common "
+                           "test rows (e.g. text-only tuned, image base, image tuned, blind)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir / merge folder")
     # ---- serving and lm-eval export ----
     srv = p.add_argument_group("serving (--serve) and lm-eval export (--export_lm_eval)")
@@ -106,6 +124,12 @@ def main(argv=None) -> int:
         configure_threads(threads=args.threads)
     if args.choices and not args.question:
         raise InputError("--choices needs --question")
+    if args.image and not args.question:
+        raise InputError("--image needs --question (in --interactive, use /image PATH)")
+    if args.compare_runs:
+        from pmcvqa_sft.compare_runs import compare_runs
+        print(compare_runs(args.compare_runs))
+        return 0
     if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save
             or args.serve or args.export_lm_eval):
         raise InputError("nothing to do: pass one of --interactive, --demo, --question, --evaluate, "
@@ -147,25 +171,37 @@ def main(argv=None) -> int:
             evaluation.check_output_dir(args.output_dir, args.overwrite)
         data = evaluation.load_eval_rows(args.dataset_dir, args.split, args.num_samples)
         loaded = inference.load_for_inference(args.model, args.adapter, args.quantization)
+        if loaded.processor is not None:  # an image model: figures, blind ablation (vision_eval.py)
+            from pmcvqa_sft.vision_eval import run_vision_evaluation
+            run_vision_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size,
+                                  args.method, args.letter_only, args.max_new_tokens, args.output_dir,
+                                  args.compare_base, args.overwrite, blind=not args.no_blind,
+                                  images=args.images, max_pixels=args.max_pixels)
+            return 0
         evaluation.run_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size,
                                   args.method, args.letter_only, args.max_new_tokens, args.output_dir,
                                   args.compare_base, args.overwrite, data=data)
         return 0
     loaded = inference.load_for_inference(args.model, args.adapter, args.quantization)
 
-    from pmcvqa_sft import console
+    from pmcvqa_sft import console, vision_infer
     from pmcvqa_sft.generation import GenerationSettings
     settings = GenerationSettings.from_model(loaded.model, args.temperature, args.top_p, args.max_new_tokens,
                                              args.greedy)
     if args.interactive:
-        return console.run_console(loaded.model, loaded.tokenizer, settings, loaded.system_prompt,
-                                   show_think=not args.hide_think)
+        return console.run_console(loaded.model, loaded.processor or loaded.tokenizer, settings,
+                                   loaded.system_prompt, show_think=not args.hide_think,
+                                   max_pixels=args.max_pixels or vision_infer.card_max_pixels(loaded.card))
+    if args.demo and loaded.processor is not None:
+        return vision_infer.run_vision_demo(loaded.model, loaded.processor, settings, loaded.system_prompt,
+                                            args.max_pixels or vision_infer.card_max_pixels(loaded.card))
     if args.demo:
         return console.run_demo(loaded.model, loaded.tokenizer, settings, loaded.system_prompt)
-    ans = inference.answer_question(args.question, choices, loaded.model, loaded.tokenizer,
+    ans = inference.answer_question(args.question, choices, loaded.model, loaded.processor or loaded.tokenizer,
                                     caption=args.caption, system_prompt=loaded.system_prompt,
                                     greedy=not settings.do_sample, temperature=args.temperature,
-                                    top_p=args.top_p, max_new_tokens=settings.max_new_tokens)
+                                    top_p=args.top_p, max_new_tokens=settings.max_new_tokens, image=args.image,
+                                    max_pixels=args.max_pixels or vision_infer.card_max_pixels(loaded.card))
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=2))
         return 0

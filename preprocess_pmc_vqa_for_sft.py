@@ -7,6 +7,11 @@ Offline, on the bundled sample and the embedded tiny tokenizer (seconds):
 The real thing (downloads only the PMC-VQA CSVs and the tokenizer from the Hugging Face Hub):
     python preprocess_pmc_vqa_for_sft.py --output_dir outputs/pmc_vqa_sft
 
+An image-text model (Qwen2.5-VL) with the figures, here the bundled image sample and the embedded tiny
+Qwen2.5-VL (figures read in place from the zip; see docs/VISION.md):
+    python preprocess_pmc_vqa_for_sft.py --data data/sample_vision --images data/sample_vision/images_2.zip \
+        --tokenizer tiny-vision --output_dir outputs/pmc_vqa_vision_tiny
+
 v2 data with the figure caption in the prompt, and a short rationale in the think block:
     python preprocess_pmc_vqa_for_sft.py --data /path/to/PMC-VQA --output_dir outputs/pmc_vqa_v2 \\
         --include_caption --reasoning brief
@@ -40,7 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seed of the train/validation split")
     # ---- tokenizer ----
     p.add_argument("--tokenizer", default=DEFAULT_MODEL,
-                   help="hub id or local folder of the model's tokenizer, or 'tiny' (embedded, offline)")
+                   help="hub id or local folder of the model's tokenizer, or 'tiny' (embedded, offline); "
+                        "with --images the model's processor (e.g. Qwen/Qwen2.5-VL-7B-Instruct, or "
+                        "'tiny-vision', the embedded tiny Qwen2.5-VL)")
     p.add_argument("--max_length", type=int, default=1024,
                    help="max tokens per row (prompt + answer + EOS); longer rows get their caption, then "
                         "question shortened, never the answer; rows that still don't fit are skipped")
@@ -51,6 +58,16 @@ def parse_args(argv=None):
                    help="system message text; default: prompts.SYSTEM_PROMPT (None: DeepSeek advises none)")
     p.add_argument("--include_caption", action="store_true",
                    help="put the figure caption (v2 data) into the prompt")
+    # ---- images (image-text models) ----
+    g = p.add_argument_group("images (image-text models such as Qwen2.5-VL; docs/VISION.md)")
+    g.add_argument("--images", default=None,
+                   help="the figures: a folder, a zip read in place (PMC-VQA's images.zip / images_2.zip), "
+                        "or 'hub' (download the release's archive, size printed first); every figure is "
+                        "checked once and rows with a missing or bad figure are skipped, counted by reason")
+    g.add_argument("--max_pixels", type=int, default=None,
+                   help="figure pixel cap (width x height after resizing) used to count image tokens against "
+                        "--max_length (default: 401408 = 512 x 28 x 28, train_sft_example.py's default); "
+                        "train with the same or a smaller cap")
     # ---- output ----
     p.add_argument("--output_dir", required=True, help="folder for the processed DatasetDict and reports")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
@@ -64,13 +81,18 @@ def main(argv=None) -> int:
     # The Rust tokenizer parallelises batches itself; nothing here forks after it is used.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     from pmcvqa_sft.preprocess import run_preprocess
+    from pmcvqa_sft.preprocess_vision import vision_args
+    tokenizer, vision = vision_args(args.images, args.tokenizer, args.max_pixels, args.output_dir, args.overwrite)
     report = run_preprocess(
         data=args.data, tokenizer_name=args.tokenizer, output_dir=args.output_dir,
         max_length=args.max_length, max_samples=args.max_samples, val_size=args.val_size,
         overwrite=args.overwrite, num_proc=args.num_proc, system_prompt=args.system_prompt,
-        reasoning=args.reasoning == "brief", include_caption=args.include_caption, seed=args.seed)
+        reasoning=args.reasoning == "brief", include_caption=args.include_caption, seed=args.seed,
+        tokenizer=tokenizer, vision=vision)
     summary = {k: report[k] for k in ("rows_read", "kept", "skipped", "truncated", "splits", "disk_ratio",
                                       "wall_s", "rows_per_s")}
+    if vision is not None:
+        summary["images"] = {k: report["images"][k] for k in ("kind", "checked", "skipped", "figures_per_s")}
     print(json.dumps(summary, indent=1))
     for split, paths in report["ignored_files"].items():
         print(f"note: not read ({split}): {', '.join(paths)}")

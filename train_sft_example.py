@@ -4,6 +4,9 @@
 Commands (see docs/TRAINING.md):
     # one GPU, 8-bit base (default), 3 epochs
     python train_sft_example.py --dataset_dir data/processed/pmc_vqa --output_dir runs/r1-8b-lora
+    # an image model (8-bit LoRA on the language model, vision tower frozen); see docs/VISION.md
+    python train_sft_example.py --model Qwen/Qwen2.5-VL-7B-Instruct --dataset_dir data/processed/pmc_vqa_vl \
+        --output_dir runs/qwen25vl-lora --max_pixels 401408
     # offline demo on the embedded tiny model (CPU, about a minute)
     python train_sft_example.py --model tiny --dataset_dir runs/demo/processed --output_dir runs/demo/train \
         --quantization 8bit --learning_rate 1e-3 --per_device_train_batch_size 16 \

@@ -9,6 +9,9 @@ One job per file:
     sources.py      where the CSVs come from: a file, a folder of release files, or the Hub
     sample_data.py  generator of the bundled PMC-VQA-format sample under data/sample/
     tiny.py         the embedded offline tiny Llama model and tokenizer
+    tiny_vision.py  the embedded offline tiny Qwen2.5-VL model, tokenizer and image processor
+    vision_processor.py  image-text processor without torchvision; image-token counts and expansion
+    vision_sample.py     generator of the bundled image sample under data/sample_vision/
 Scripts -> package -> libraries, never back.
 """
 

@@ -14,6 +14,7 @@ import time
 
 from . import prompts
 from .encoding import assistant_turn, render_prompt
+from .errors import InputError
 from .generation import GenerationSettings, generate_batch, stream_generate
 from .inference import build_messages, parse_reply
 
@@ -22,6 +23,7 @@ HELP = """commands:
   /reset         forget the conversation
   /think on|off  show or hide the reasoning (the text between <think> and </think>)
   /temp X        sampling temperature (0 = greedy)
+  /image PATH    attach a figure to your next question (image models)
   /exit          leave (Ctrl-D and Ctrl-C work too)"""
 
 OPEN, CLOSE = prompts.THINK_OPEN.strip(), prompts.THINK_CLOSE
@@ -81,10 +83,15 @@ def _setup_readline():
 
 
 def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=None, show_think=True,
-                out=sys.stdout) -> int:
-    """The chat loop; returns the exit code (0)."""
+                out=sys.stdout, max_pixels=None) -> int:
+    """The chat loop; returns the exit code (0). `tokenizer`: an image model's processor enables /image."""
+    from . import vision_infer
     _setup_readline()
+    processor = tokenizer if vision_infer.is_vision_processor(tokenizer) else None
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
     messages: list[dict] = []
+    images: list = []  # the conversation's figures, in order (image models)
+    pending = None     # the figure /image attached to the next question
     tty = sys.stdin.isatty()
     print(f"chat ({settings.describe()}); /help for commands, /exit or Ctrl-D to leave", file=out)
     while True:
@@ -106,8 +113,14 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
                 return 0
             if cmd == "/help":
                 print(HELP, file=out)
+            elif cmd == "/image":
+                try:
+                    pending = vision_infer.console_image(processor, arg)
+                    print(f"(figure {arg} attached to your next question)", file=out)
+                except InputError as exc:
+                    print(f"({exc})", file=out)
             elif cmd == "/reset":
-                messages = []
+                messages, images, pending = [], [], None
                 print("(conversation cleared)", file=out)
             elif cmd == "/think":
                 if arg not in ("on", "off"):
@@ -130,13 +143,16 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
             continue
         if not messages and system_prompt:
             messages.append({"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": prompts.image_content(text) if pending else text})
+        images, pending = images + [pending] if pending else images, None
         prompt = render_prompt(tokenizer, messages)
+        inputs = vision_infer.conversation_inputs(model, processor, messages, images, max_pixels)[1] \
+            if images else None
         opened = prompt.endswith(prompts.THINK_OPEN)  # the prompt opened the think block
         filt = ThinkFilter(show_think, inside=opened)
         print("assistant> " + (OPEN + "\n" if show_think and filt.inside else ""), end="", file=out, flush=True)
         reply, stats, start = [], {}, time.perf_counter()
-        pieces = stream_generate(model, tokenizer, prompt, settings, stats)
+        pieces = stream_generate(model, tokenizer, prompt, settings, stats, inputs=inputs)
         try:
             for piece in pieces:
                 reply.append(piece)
@@ -144,7 +160,8 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
         except KeyboardInterrupt:
             pieces.close()  # stops the generation itself and waits for it (Ctrl-C during printing)
             print(f"\n(interrupted after {stats.get('n_tokens', 0)} tokens; the question is dropped)", file=out)
-            messages.pop()
+            if not isinstance(messages.pop()["content"], str):
+                images.pop()  # that question's figure goes with it
             continue
         print(filt.flush(), file=out)
         secs = time.perf_counter() - start

@@ -241,6 +241,10 @@ class RowEncoder:
             rec.question if question is None else question, rec.choices, rec.answer_label,
             caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning)
 
+    def user_text(self, msg) -> str:
+        """The part of the user message the fast path splices between the template's head and tail."""
+        return msg["content"]
+
     def _fast_ok(self, msgs) -> bool:
         roles = [m["role"] for m in msgs]
         return (roles == ["system"] * self.n_sys + ["user", "assistant"]
@@ -249,7 +253,7 @@ class RowEncoder:
     def encode(self, msgs_list):
         """-> (prompts as (head, rest) pairs, target ids incl. EOS)."""
         if all(self._fast_ok(m) for m in msgs_list):
-            users, contents = [m[-2]["content"] for m in msgs_list], [m[-1]["content"] for m in msgs_list]
+            users, contents = [self.user_text(m[-2]) for m in msgs_list], [m[-1]["content"] for m in msgs_list]
             return _dedup_call(self.fast.prompt_parts, users), _dedup_call(self.fast.target_ids, contents)
         pairs = [encode_conversation(self.tok, m) for m in msgs_list]  # edited prompt shape
         prompts_, targets = [], []
@@ -263,7 +267,7 @@ class RowEncoder:
         """Fast path == per-row apply_chat_template reference on these rows (raises otherwise)."""
         fast = [m for m in msgs_list if self._fast_ok(m)]
         if fast:
-            self.fast.verify([m[-2]["content"] for m in fast], [m[-1]["content"] for m in fast])
+            self.fast.verify([self.user_text(m[-2]) for m in fast], [m[-1]["content"] for m in fast])
         return len(fast)
 
     def fit(self, rec, prompt, target, max_length):

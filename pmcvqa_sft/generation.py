@@ -102,21 +102,26 @@ class Generated:
     finished: bool        # EOS reached (False = cut by max_new_tokens)
 
 
-def generate_batch(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings) -> list[Generated]:
-    """Generate for several rendered prompts at once (left-padded)."""
-    return generate_ids(model, tokenizer, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
-                        settings)
+def generate_batch(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings,
+                   inputs: dict | None = None) -> list[Generated]:
+    """Generate for several rendered prompts at once (left-padded). `inputs`: the model inputs built
+    already (image models: left-padded ids with expanded image tokens, pixel_values, ...) instead."""
+    enc = None if inputs is not None else [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return generate_ids(model, tokenizer, enc, settings, inputs=inputs)
 
 
-def generate_ids(model, tokenizer, enc: Sequence[Sequence[int]], settings: GenerationSettings) -> list[Generated]:
-    """Generate for several tokenized prompts at once (left-padded)."""
+def generate_ids(model, tokenizer, enc: Sequence[Sequence[int]] | None, settings: GenerationSettings,
+                 inputs: dict | None = None) -> list[Generated]:
+    """Generate for several tokenized prompts at once (left-padded), or from prebuilt `inputs`."""
     import torch
     gc = _generation_config(model, tokenizer, settings)
-    ids, mask = left_pad(enc, gc.pad_token_id)
+    if inputs is None:
+        ids, mask = left_pad(enc, gc.pad_token_id)
+        inputs = {"input_ids": ids, "attention_mask": mask}
     dev = _device(model)
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc)
-    new = out[:, ids.shape[1]:].tolist()
+        out = model.generate(**{k: v.to(dev) for k, v in inputs.items()}, generation_config=gc)
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
     results = []
     for row in new:
         eos = tokenizer.eos_token_id
@@ -141,8 +146,9 @@ def _stop_when(event: threading.Event):
 
 
 def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
-                    stats: dict | None = None) -> Iterator[str]:
+                    stats: dict | None = None, inputs: dict | None = None) -> Iterator[str]:
     """Yield decoded text pieces while generating; `stats` receives n_tokens, finished and interrupted.
+    `inputs`: prebuilt model inputs of the one prompt (image models), as in `generate_batch`.
 
     Leaving the loop early (Ctrl-C while waiting for a piece, or `close()` on this generator after a
     Ctrl-C in the caller) stops `model.generate` at its next token and waits for it, so no generation
@@ -152,7 +158,11 @@ def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     gc = _generation_config(model, tokenizer, settings)
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=_device(model))
+    if inputs is None:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = {k: v.to(_device(model)) for k, v in inputs.items()}
+    ids = inputs["input_ids"]
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=False)
     holder: dict = {}
     stop = threading.Event()
@@ -160,8 +170,7 @@ def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
     def work():
         try:
             with torch.no_grad():
-                holder["out"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               generation_config=gc, streamer=streamer,
+                holder["out"] = model.generate(**inputs, generation_config=gc, streamer=streamer,
                                                stopping_criteria=StoppingCriteriaList([_stop_when(stop)]))
         except BaseException as exc:  # surface errors of the worker thread in the caller
             holder["error"] = exc

@@ -103,6 +103,7 @@ def check_adapter_fits(adapter_dir: Path, base: str, tokenizer) -> None:
         cfg = AutoConfig.from_pretrained(path, **modeling._hub_kwargs(path))
     except (OSError, ValueError) as exc:
         raise modeling._hub_error("model", base, exc) from None
+    cfg = cfg.get_text_config()  # image-text models: the language model's sizes
     vocab = getattr(cfg, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise InputError(f"adapter '{adapter_dir}' does not match base model '{base}': its tokenizer has "
@@ -127,6 +128,7 @@ class Loaded:
     quantization: str
     system_prompt: str | None = None
     card: dict = field(default_factory=dict)
+    processor: object = None        # image-text models: tokenizer + image processor (vision_infer.py)
 
     @property
     def has_adapter(self) -> bool:
@@ -177,7 +179,14 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
     base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
     log(f"loading {base} ({'no quantization' if quantization == 'none' else quantization})"
         + (f" + adapter {adir}" if adir else ""))
-    net = modeling.load_model(base, quantization=quantization, device_map=device_map)
+    from .vision_model import is_vision_model, load_vision_model
+    processor = None
+    if is_vision_model(base):
+        from .vision_train import load_processor
+        processor, tokenizer = load_processor(str(training_files(adir)[0] or base) if adir else base)
+        net = load_vision_model(base, quantization=quantization, device_map=device_map)
+    else:
+        net = modeling.load_model(base, quantization=quantization, device_map=device_map)
     if adir is not None:
         from peft import PeftModel
         try:
@@ -186,7 +195,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
             raise InputError(f"adapter '{adir}' does not fit base model '{base}': "
                              f"{' '.join(str(exc).split())[:200]}") from None
     net.eval()
-    return Loaded(net, tokenizer, base, adir, quantization, _card_system_prompt(card), card)
+    return Loaded(net, tokenizer, base, adir, quantization, _card_system_prompt(card), card, processor)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,14 +223,14 @@ def _resolve_model(model, tokenizer, adapter, quantization):
     if model is not None and not isinstance(model, (str, os.PathLike)):
         if tokenizer is None:
             raise ValueError("pass tokenizer= together with a loaded model")
-        return model, tokenizer, prompts.SYSTEM_PROMPT
+        return model, tokenizer, prompts.SYSTEM_PROMPT, {}
     key = (str(model) if model else None, str(adapter) if adapter else None, quantization)
     if key not in _CACHE:
         if key[0] is None and key[1] is None:
             raise ValueError("answer_question needs model= (a loaded model, a name or a folder) or adapter=")
         _CACHE[key] = load_for_inference(key[0], key[1], quantization, log=lambda *_: None)
     loaded = _CACHE[key]
-    return loaded.model, tokenizer or loaded.tokenizer, loaded.system_prompt
+    return loaded.model, tokenizer or loaded.processor or loaded.tokenizer, loaded.system_prompt, loaded.card
 
 
 def normalize_choices(choices) -> dict[str, str] | None:
@@ -254,14 +263,27 @@ def answer_question(question: str, choices: Mapping[str, str] | Sequence[str] | 
                     tokenizer=None, *, adapter: str | None = None, caption: str | None = None,
                     system_prompt: str | None = None, greedy: bool = False, temperature: float | None = None,
                     top_p: float | None = None, max_new_tokens: int | None = None,
-                    quantization: str | None = None) -> Answer:
+                    quantization: str | None = None, image=None, max_pixels: int | None = None) -> Answer:
     """Ask one question. `model` is a loaded model (with `tokenizer`) or a name/folder; `adapter` a
     training output folder. `choices`: {"A": "MRI", ...} or ["MRI", "CT", ...]. Sampling follows the
-    model's generation_config unless `greedy` / `temperature` / `top_p` say otherwise."""
-    net, tok, card_prompt = _resolve_model(model, tokenizer, adapter, quantization)
+    model's generation_config unless `greedy` / `temperature` / `top_p` say otherwise.
+    `image` (a path or PIL image): the figure, for an image-text model (`tokenizer` = its processor
+    when `model` is a loaded one); `max_pixels` its pixel cap (default: the training run's)."""
+    net, tok, card_prompt, card = _resolve_model(model, tokenizer, adapter, quantization)
     choices = normalize_choices(choices)
-    messages = build_messages(question, choices, caption, system_prompt or card_prompt)
     settings = GenerationSettings.from_model(net, temperature, top_p, max_new_tokens, greedy)
+    from . import vision_infer
+    if image is None and vision_infer.is_vision_processor(tok):
+        tok = tok.tokenizer  # a text-only question to an image model
+    if image is not None:
+        if not vision_infer.is_vision_processor(tok):
+            raise InputError("an image question needs an image-text model (e.g. --model tiny-vision or "
+                             "Qwen/Qwen2.5-VL-7B-Instruct) and its processor")
+        return vision_infer.answer_image_question(question, choices, net, tok, image, caption=caption,
+                                                  system_prompt=system_prompt or card_prompt,
+                                                  settings=settings,
+                                                  max_pixels=max_pixels or vision_infer.card_max_pixels(card))
+    messages = build_messages(question, choices, caption, system_prompt or card_prompt)
     prompt = render_prompt(tok, messages)
     start = time.perf_counter()
     gen = generate_batch(net, tok, [prompt], settings)[0]
@@ -285,10 +307,16 @@ def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: b
     base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
     log(f"merging: reloading base '{base}' UNQUANTIZED in its stored dtype (merging into 8-bit/4-bit "
         f"weights would round the LoRA update away)")
+    from transformers import AutoModelForImageTextToText
+
     from .threads import configure_threads
+    from .vision_model import is_vision_model
     configure_threads(modeling.resolve_name(base))
-    net = AutoModelForCausalLM.from_pretrained(modeling.resolve_name(base), dtype="auto",
-                                               device_map={"": "cpu"})
+    auto = AutoModelForCausalLM
+    if is_vision_model(base):  # an image model: its own auto class; the processor (image settings) goes along
+        from .vision_train import load_processor
+        tokenizer, auto = load_processor(str(training_files(adir)[0] or base))[0], AutoModelForImageTextToText
+    net = auto.from_pretrained(modeling.resolve_name(base), dtype="auto", device_map={"": "cpu"})
     try:
         net = PeftModel.from_pretrained(net, str(adir))
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -59,6 +59,9 @@ warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enabl
 
 def resolve_name(name: str) -> str:
     from . import tiny
+    if name == "tiny-vision":  # the embedded image model (vision_model.py)
+        from . import tiny_vision
+        return str(tiny_vision.resolve(name))
     return tiny.resolve(name)
 
 
@@ -196,11 +199,13 @@ def quantization_config(quantization: str, quant_storage=None):
     return None
 
 
-def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: bool = False):
+def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: bool = False, auto_class=None,
+               skip_modules: list[str] | None = None):
     """AutoModelForCausalLM for a hub id, folder or `tiny`, quantized as asked.
 
     `sharded=True` (FSDP / ZeRO-3): no device_map (the launcher places the shards) and 4-bit weights
-    stored in the compute dtype; 8-bit weights cannot be sharded.
+    stored in the compute dtype; 8-bit weights cannot be sharded. Image models (vision_model.py) pass
+    their auto class and the modules bitsandbytes must leave alone (`skip_modules`).
     """
     from transformers import AutoModelForCausalLM
     check_quantization(quantization)
@@ -217,9 +222,11 @@ def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: 
         kwargs["device_map"] = device_map or device_map_for_process()
     qc = quantization_config(quantization, quant_storage=compute_dtype() if sharded else None)
     if qc is not None:
+        if skip_modules:
+            qc.llm_int8_skip_modules = list(skip_modules)
         kwargs["quantization_config"] = qc
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs, **_hub_kwargs(path))
+        return (auto_class or AutoModelForCausalLM).from_pretrained(path, **kwargs, **_hub_kwargs(path))
     except (OSError, ValueError) as exc:
         raise _hub_error("model", name, exc) from None
 

@@ -112,10 +112,11 @@ def _drop_unencodable(tok, chunk, skipped):
 
 
 def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, desc, progress=True,
-                   check_empty=False):
+                   check_empty=False, extra=None):
     """-> (kept records, prompts as (head, rest) pairs, target id lists); too-long rows counted in
     `skipped`, shortened ones in `truncated`. `check_empty`: also skip rows whose question or answer
-    encodes to nothing (needed only for tokenizers that can drop characters)."""
+    encodes to nothing (needed only for tokenizers that can drop characters). `extra(record)`: tokens the
+    row will have beyond its ids (an image placeholder's expansion), counted against `max_length`."""
     from tqdm.auto import tqdm
     if records:
         enc.verify([enc.messages(r) for r in records[:VERIFY_ROWS]])
@@ -130,8 +131,9 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
                 chunk = _drop_unencodable(enc.tok, chunk, skipped)
             ps, ts = enc.encode([enc.messages(r) for r in chunk])
             for rec, p, t in zip(chunk, ps, ts):
-                if len(p[0]) + len(p[1]) + len(t) > max_length:
-                    fitted = enc.fit(rec, p, t, max_length)
+                limit = max_length - (extra(rec) if extra is not None else 0)
+                if len(p[0]) + len(p[1]) + len(t) > limit:
+                    fitted = enc.fit(rec, p, t, limit)
                     if fitted is None:
                         skipped["too_long"] += 1
                         continue
@@ -147,7 +149,7 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
 
 
 # ---------------------------------------------------------------- Arrow columns
-def build_dataset(records, P, T, with_caption=True):
+def build_dataset(records, P, T, with_caption=True, vision=None):
     """Columns built straight into Arrow arrays (no per-row .map / feature encoding): int32 tokens,
     -100 on the prompt.
 
@@ -187,6 +189,8 @@ def build_dataset(records, P, T, with_caption=True):
         "answer_label": pa.array([r.answer_label for r in records], string),
         "truncated": pa.array([r.truncated for r in records], string),
     }
+    if vision is not None:  # image, image_width, image_height (preprocess_vision.py)
+        vision.add_columns(feats, columns, records)
     table = pa.Table.from_arrays([columns[c] for c in feats], schema=feats.arrow_schema)
     # An explicit fingerprint: otherwise datasets hashes the whole table (seconds at 177k rows).
     return Dataset(InMemoryTable(table), info=DatasetInfo(features=feats), fingerprint=uuid.uuid4().hex)
@@ -259,13 +263,14 @@ def _gc_paused(fn):
 @_gc_paused
 def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_samples=None, val_size=0.05,
                    overwrite=False, num_proc=1, system_prompt=None, reasoning=False, include_caption=False,
-                   seed=42, tokenizer=None, progress=True) -> dict:
+                   seed=42, tokenizer=None, progress=True, vision=None) -> dict:
     """Preprocess PMC-VQA for SFT; returns the report (also written to `<output_dir>/preprocess_report.json`).
 
     `system_prompt=None` uses `prompts.SYSTEM_PROMPT` (None by default: no system message); `""` forces
     none. `max_samples` keeps the first N rows of each source split (train, test) before encoding.
     `val_size`: a fraction of train or a row count (0: no validation split). `tokenizer`: an already
-    loaded tokenizer (then `tokenizer_name` is only recorded).
+    loaded tokenizer (then `tokenizer_name` is only recorded). `vision`: a `preprocess_vision.VisionPrep`
+    for image-text models (figures checked, image prompts, image columns; see docs/VISION.md).
     """
     t0 = time.perf_counter()
     stages, mark = {}, [t0]
@@ -317,12 +322,16 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             source[split] = recs[:int(max_samples)]
 
     from collections import Counter
-    enc = RowEncoder(tokenizer, sys_prompt, reasoning, include_caption)
+    enc = (vision.row_encoder(tokenizer, sys_prompt, reasoning, include_caption) if vision is not None
+           else RowEncoder(tokenizer, sys_prompt, reasoning, include_caption))
     check_empty = not covers_all_text(tokenizer)
     skipped, truncated, encoded = Counter(stats.skipped), Counter(), {}
+    if vision is not None:  # rows whose figure is missing or bad are dropped here, counted by reason
+        source = vision.check(source, data, skipped, progress)
     for split, recs in source.items():
-        encoded[split] = encode_records(enc, recs, int(max_length), skipped, truncated,
-                                        f"tokenizing {split}", progress, check_empty)
+        encoded[split] = encode_records(enc, recs, int(max_length), skipped, truncated, f"tokenizing {split}",
+                                        progress, check_empty,
+                                        extra=vision.extra_tokens if vision is not None else None)
     if not encoded["train"][0]:
         why = {k: v for k, v in skipped.items() if k not in stats.skipped}
         raise InputError(f"no training row left for --tokenizer '{tokenizer_name}' and --max_length "
@@ -337,7 +346,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
         parts["test"] = encoded["test"]
 
     from datasets import DatasetDict
-    dsd = DatasetDict({s: build_dataset(*v, with_caption=include_caption) for s, v in parts.items()})
+    dsd = DatasetDict({s: build_dataset(*v, with_caption=include_caption, vision=vision) for s, v in parts.items()})
     all_p = [len(h) + len(r) for _, P_, _ in parts.values() for h, r in P_]
     all_t = [len(t) for _, _, T_ in parts.values() for t in T_]
     tokens = sum(all_p) + sum(all_t)
@@ -355,6 +364,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
         kept = sum(len(v[0]) for v in parts.values())
         wall = time.perf_counter() - t0
         report = {
+            "model_kind": "vision" if vision is not None else "text",
             "args": args,
             "tokenizer": str(tokenizer_name),
             "tokenizer_path": str(getattr(tokenizer, "name_or_path", "")),
@@ -383,6 +393,8 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             "stage_s": stages, "wall_s": round(wall, 3), "rows_per_s": round(stats.rows_read / max(wall, 1e-9), 1),
             "versions": _versions(), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         }
+        if vision is not None:
+            report.update(vision.report(parts))
         examples = [e for s, v in parts.items() for e in _examples(tokenizer, s, *v)]
         (tmp / EXAMPLES_NAME).write_text(json.dumps(examples, indent=2, ensure_ascii=False))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False))

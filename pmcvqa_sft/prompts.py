@@ -79,32 +79,55 @@ def make_reasoning(question: str, choices: Mapping[str, str], letter: str,
     return "\n".join(lines)
 
 
-def assistant_content(letter: str, text: str | None = None, reasoning: str = "") -> str:
+def assistant_content(letter: str, text: str | None = None, reasoning: str = "", think: bool = True) -> str:
     """The whole assistant turn as the model writes it after `<｜Assistant｜>`: think block, then answer.
 
     With no reasoning this is `<think>\\n\\n</think>\\n\\nAnswer: B. text`, DeepSeek's empty think block.
+    `think=False` (models whose generation prompt opens no think block, such as Qwen2.5-VL): the answer
+    line alone, after the reasoning as plain text if there is one.
     """
+    if not think:
+        return f"{reasoning}\n\n{answer_line(letter, text)}" if reasoning else answer_line(letter, text)
     return f"{THINK_OPEN}{reasoning}\n{THINK_CLOSE}\n\n{answer_line(letter, text)}"
 
 
 def create_conversation(question: str, choices: Mapping[str, str], answer_label: str | None = None,
                         caption: str | None = None, system_prompt: str | None = SYSTEM_PROMPT,
-                        reasoning: bool = False) -> list[dict]:
-    """A PMC-VQA row -> chat messages. With `answer_label` the last message is the assistant target."""
+                        reasoning: bool = False, image: bool = False, think: bool = True) -> list[dict]:
+    """A PMC-VQA row -> chat messages. With `answer_label` the last message is the assistant target.
+
+    `image=True` (image-text models): the user content is `[{"type": "image"}, {"type": "text", ...}]`,
+    the figure before the text as Qwen2.5-VL's examples place it; the chat template turns the image item
+    into its placeholder. `think`: see `assistant_content`.
+    """
     messages = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": format_user_prompt(question, choices, caption)})
+    user = format_user_prompt(question, choices, caption)
+    messages.append({"role": "user", "content": image_content(user) if image else user})
     if answer_label is not None:
         why = make_reasoning(question, choices, answer_label, caption) if reasoning else ""
         messages.append({"role": "assistant",
-                         "content": assistant_content(answer_label, choices[answer_label], why)})
+                         "content": assistant_content(answer_label, choices[answer_label], why, think)})
     return messages
 
 
-def candidate_contents(choices: Mapping[str, str], letter_only: bool = False) -> list[str]:
+def image_content(text: str) -> list[dict]:
+    """The user content of an image question: the figure, then the text."""
+    return [{"type": "image"}, {"type": "text", "text": text}]
+
+
+def content_text(content) -> str:
+    """The text of a message content, whether a string or a list of typed items."""
+    if isinstance(content, str):
+        return content
+    return "".join(item.get("text", "") for item in content if item.get("type") == "text")
+
+
+def candidate_contents(choices: Mapping[str, str], letter_only: bool = False, think: bool = True) -> list[str]:
     """One assistant turn per choice, in the exact training format, for log-likelihood scoring."""
-    return [assistant_content(letter, None if letter_only else text) for letter, text in choices.items()]
+    return [assistant_content(letter, None if letter_only else text, think=think)
+            for letter, text in choices.items()]
 
 
 def split_choices_arg(values: Sequence[str]) -> dict[str, str]:

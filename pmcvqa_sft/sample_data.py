@@ -278,10 +278,15 @@ def write_sample(out_dir, overwrite: bool = False, seed: int = SEED) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, rows in files.items():
-        with open(out / name, "w", encoding="utf-8", newline="") as f:
-            csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerows(rows)
-        written.append(out / name)
+        written.append(write_csv(out / name, rows))
     return written
+
+
+def write_csv(path: Path, rows) -> Path:
+    """Rows (header first) as a CSV the way the release writes it: minimal quoting, \\n line ends."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerows(rows)
+    return path
 
 
 def main(argv=None) -> int:

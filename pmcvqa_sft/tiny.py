@@ -160,22 +160,30 @@ def build_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, overwrite: bool = False
     return out
 
 
-def ensure_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, log=print) -> Path:
-    """The tiny model folder, built on first use and rebuilt when the recipe or sample changed."""
+def ensure_built(out_dir, stamp_name: str, recipe_key, build, log=print, note: str = "") -> Path:
+    """`out_dir`, built by `build(out, overwrite=True, log=log)` on first use and rebuilt when the
+    `recipe` in its `stamp_name` file differs from `recipe_key()` (tiny.py and tiny_vision.py)."""
     from filelock import FileLock
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # parallel test runs / scripts build it once
-        stamp = out / "tiny_build.json"
+        stamp = out / stamp_name
         if stamp.exists():
             try:
-                if json.loads(stamp.read_text()).get("recipe") == _recipe_key():
+                if json.loads(stamp.read_text()).get("recipe") == recipe_key():
                     return out
             except (OSError, ValueError):
                 pass
-        log(f"building the embedded tiny model in {out} (about 30 s, once)")
-        return build_tiny(out, overwrite=True, log=log)
+        if note:
+            log(note.format(out=out))
+        return build(out, overwrite=True, log=log)
+
+
+def ensure_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, log=print) -> Path:
+    """The tiny model folder, built on first use and rebuilt when the recipe or sample changed."""
+    return ensure_built(out_dir, "tiny_build.json", _recipe_key, build_tiny, log,
+                        "building the embedded tiny model in {out} (about 30 s, once)")
 
 
 def resolve(name_or_path: str) -> str:
@@ -183,17 +191,22 @@ def resolve(name_or_path: str) -> str:
     return str(ensure_tiny()) if name_or_path == TINY_ALIAS else name_or_path
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Build the embedded tiny model and tokenizer.")
-    p.add_argument("--out", default=str(DEFAULT_DIR), help="output folder (default: %(default)s)")
+def build_cli(argv, description: str, default_dir: Path, ensure, build) -> int:
+    """`python -m pmcvqa_sft.tiny[_vision] [--out DIR] [--overwrite]`: build (or reuse) and print the folder."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=str(default_dir), help="output folder (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
     args = p.parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:
-        path = ensure_tiny(args.out)
+        path = ensure(args.out)
     else:
-        path = build_tiny(args.out, overwrite=args.overwrite)
+        path = build(args.out, overwrite=args.overwrite)
     print(path)
     return 0
+
+
+def main(argv=None) -> int:
+    return build_cli(argv, "Build the embedded tiny model and tokenizer.", DEFAULT_DIR, ensure_tiny, build_tiny)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import dataclasses
 from .modeling import DEFAULT_MODEL, QUANTIZATIONS
 
 REPORT_TO = ("tensorboard", "none")
-GROUP_DESCRIPTIONS: dict[str, str] = {}  # an argparse group's one-line description, when it needs one
+GROUP_DESCRIPTIONS: dict[str, str] = {  # an argparse group's one-line description, when it needs one
+    "image models": "used when --model is an image-text-to-text model"}
 
 
 def _opt(default, group: str, help: str, **argparse_kw):
@@ -71,6 +72,17 @@ class TrainOptions:
                                               "'auto' = the newest complete checkpoint in --output_dir (fresh "
                                               "start if none), or a checkpoint path")
     overwrite: bool = _opt(False, "output / resume", "replace a previous run in --output_dir")
+    # ---- image-text-to-text models (--model tiny-vision, Qwen/Qwen2.5-VL-7B-Instruct, ...): vision_train.py ----
+    max_pixels: int | None = _opt(512 * 28 * 28, "image models",
+                                  "cap on each figure's width x height after resizing (aspect ratio kept); "
+                                  "Qwen2.5-VL spends one token per 28x28 pixels, so the default allows 512 "
+                                  "image tokens")
+    train_vision: str = _opt("none", "image models",
+                             "none: vision tower and projector frozen; merger: also train the projector (merger) "
+                             "in full; lora: projector + LoRA on the vision blocks",
+                             choices=("none", "merger", "lora"))
+    images: str | None = _opt(None, "image models",
+                              "where the figures are now (folder or zip), when they moved since preprocessing")
     # ---- machine ----
     threads: int | None = _opt(None, "machine", "torch CPU threads (default: 1 for the tiny model or on a CPU "
                                                 "machine with <= 4 cores, else torch's; env PMCVQA_THREADS)")

@@ -101,7 +101,7 @@ def resolve_resume(o: TrainOptions, log=print) -> str | None:
 # The options that fix which rows a step sees: a resume with any of them changed would skip the old
 # number of batches of a different order.
 DATA_ORDER_KEYS = ("dataset_dir", "max_samples", "seed", "per_device_train_batch_size",
-                   "gradient_accumulation_steps")
+                   "gradient_accumulation_steps", "max_pixels", "train_vision")
 
 
 def check_resume_options(o: TrainOptions, resume: str | None) -> None:
@@ -338,6 +338,7 @@ class RunSetup:
     state: object
     params: dict
     seen_dir: str | None
+    processor: object = None  # image models: tokenizer + image processor, saved with the adapter
 
 
 def setup_run(o: TrainOptions, log=print) -> RunSetup:
@@ -351,7 +352,11 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     configure_threads(o.model, o.threads)  # 1 thread for the tiny model / small CPU machines (threads.py)
     dsd, report = load_processed(o.dataset_dir)
     check_bitsandbytes(o.quantization)
-    tokenizer = load_tokenizer(o.model)
+    from . import vision_train
+    from .vision_model import is_vision_model
+    vision = is_vision_model(o.model)
+    vision_train.check_model_kind(report, vision, o.dataset_dir, o.model)
+    processor, tokenizer = vision_train.load_processor(o.model) if vision else (None, load_tokenizer(o.model))
     tokenizer.padding_side = "right"  # training pads on the right; generation (elsewhere) on the left
     check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
     # sets up the process group under `accelerate launch` / torchrun; without an accelerator accelerate
@@ -372,21 +377,26 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
         write_json(out / MARKER, dataclasses.asdict(o), default=str)
     state.wait_for_everyone()
 
-    train_ds, eval_ds = prepare_datasets(dsd, o)
+    train_ds, eval_ds = (vision_train.prepare_datasets(dsd, o, processor.image_processor, report, log) if vision
+                         else prepare_datasets(dsd, o))
     log(f"train rows: {len(train_ds)}; validation rows: {len(eval_ds) if eval_ds is not None else 0}"
         + ("" if eval_ds is not None else " (no validation split: no eval, last checkpoint kept)"))
     args = training_arguments(o, has_eval=eval_ds is not None)
     from transformers import set_seed
     set_seed(o.seed)  # the LoRA A matrices are random: same seed, same init, whatever ran before
-    model, params = build_model(o, tokenizer, log=log)
+    if vision:
+        from .vision_model import build_vision_model as build_model_
+    model, params = (build_model_ if vision else build_model)(o, tokenizer, log=log)
 
     seen_dir = os.environ.get(SEEN_ENV)
-    collator = SFTCollator(tokenizer.pad_token_id, with_row_ids=bool(seen_dir))
+    collator = (vision_train.make_collator(processor, model, report, o.max_pixels, o.images, o.dataset_dir,
+                                           with_row_ids=bool(seen_dir)) if vision
+                else SFTCollator(tokenizer.pad_token_id, with_row_ids=bool(seen_dir)))
     callbacks = [_callbacks()(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+                               data_collator=collator, processing_class=processor or tokenizer, callbacks=callbacks)
     trainer.seen_rows = [] if seen_dir else None
-    return RunSetup(trainer, tokenizer, report, resume, state, params, seen_dir)
+    return RunSetup(trainer, tokenizer, report, resume, state, params, seen_dir, processor)
 
 
 def run_training(o: TrainOptions, log=print) -> dict:
@@ -414,6 +424,7 @@ def run_training(o: TrainOptions, log=print) -> dict:
     history = trainer.state.log_history
     card = {
         "args": dataclasses.asdict(o), "model_path": resolve_name(o.model), "resumed_from": run.resume,
+        "model_kind": "vision" if run.processor is not None else "text",
         "versions": library_versions(), "device": _device_name(), "world_size": state.num_processes,
         "dtype": "bf16" if trainer.args.bf16 else "fp32", "preprocess_report": run.report,
         "template_hash": template_hash(run.tokenizer), "trainable_parameters": run.params,
@@ -432,7 +443,7 @@ def run_training(o: TrainOptions, log=print) -> dict:
         from .plots import plot_loss_curve
         with disk_full_is_input_error(out, hint="; the checkpoints are kept: free some space and rerun with "
                                                 "--resume_from_checkpoint auto"):
-            save_adapter(trainer.model, run.tokenizer, out, resolve_name(o.model))
+            save_adapter(trainer.model, run.processor or run.tokenizer, out, resolve_name(o.model))
             plot_loss_curve(history, out / LOSS_PNG, title=f"LoRA SFT of {o.model}")
             write_json(out / RUN_CARD, card, default=str)
         log(f"adapter: {out / ADAPTER_DIR}; run card: {out / RUN_CARD}; loss curve: {out / LOSS_PNG}")

@@ -71,3 +71,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+VISION_SAMPLE_DIR = ROOT / "data" / "sample_vision"
+
+
+@pytest.fixture(scope="session")
+def processed_vision(tmp_path_factory) -> Path:
+    """The bundled image sample preprocessed for the embedded tiny Qwen2.5-VL (figures read from the zip)."""
+    import preprocess_pmc_vqa_for_sft as pre
+    out = tmp_path_factory.mktemp("processed") / "pmc_vqa_vision"
+    assert pre.main(["--data", str(VISION_SAMPLE_DIR), "--images", str(VISION_SAMPLE_DIR / "images_2.zip"),
+                     "--tokenizer", "tiny-vision", "--output_dir", str(out)]) == 0
+    return out
