@@ -116,12 +116,17 @@ def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAU
         for i, g in zip(idx, generate_ids(model, tokenizer, [enc[i] for i in idx], settings)):
             # the prompt's last tokens tell whether it opened the think block (DeepSeek's `<think>\n`)
             raw = assistant_turn(tokenizer.decode(enc[i][-8:], skip_special_tokens=False), g.text)
-            ext = extract_answer(raw, rows[i]["choices"])
-            out[i] = {"pred": ext.strict_letter, "pred_letter": ext.letter,
-                      "pred_text": ext.text_letter or ext.letter, "conflict": ext.conflict,
-                      "output": g.text, "extraction": ext.method,
-                      "finished": g.finished, "new_tokens": len(g.token_ids), "prompt_tokens": len(enc[i])}
+            out[i] = generated_prediction(raw, rows[i]["choices"], g, len(enc[i]))
     return out  # type: ignore[return-value]
+
+
+def generated_prediction(raw: str, choices, g, prompt_tokens: int) -> dict:
+    """One generated answer as a prediction record: `pred` is the strict letter (letter right and its
+    text, when given, names the same choice), beside the letter alone, the text alone and the conflict."""
+    ext = extract_answer(raw, choices)
+    return {"pred": ext.strict_letter, "pred_letter": ext.letter, "pred_text": ext.text_letter or ext.letter,
+            "conflict": ext.conflict, "output": g.text, "extraction": ext.method,
+            "finished": g.finished, "new_tokens": len(g.token_ids), "prompt_tokens": prompt_tokens}
 
 
 def compute_metrics(rows, preds, seconds: float, method: str) -> dict:

@@ -120,8 +120,8 @@ def predict_score(model, collator, tokenizer, rows, batch_size=16, letter_only=F
 def predict_generate(model, collator, tokenizer, rows, batch_size=16, max_new_tokens=96, progress=True):
     from tqdm.auto import tqdm
 
-    from .answers import extract_answer
     from .encoding import assistant_turn
+    from .evaluation import generated_prediction
     from .generation import GenerationSettings, generate_batch
     from .vision_collate import build_batch
     settings = GenerationSettings(do_sample=False, max_new_tokens=max_new_tokens)
@@ -135,9 +135,7 @@ def predict_generate(model, collator, tokenizer, rows, batch_size=16, max_new_to
                              collator.max_pixels, collator.mm_token_type_ids, left=True)
         for i, g in zip(idx, generate_batch(model, tokenizer, [], settings, inputs=inputs)):
             raw = assistant_turn(tokenizer.decode(rows[i]["prompt_ids"]), g.text)
-            ext = extract_answer(raw, rows[i]["choices"])
-            out[i] = {"pred": ext.letter, "output": g.text, "extraction": ext.method,
-                      "finished": g.finished, "new_tokens": len(g.token_ids)}
+            out[i] = generated_prediction(raw, rows[i]["choices"], g, len(rows[i]["prompt_ids"]))
     return out
 
 

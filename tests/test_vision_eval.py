@@ -40,7 +40,7 @@ def pipeline(tmp_path_factory):
           "--quantization", "8bit", "--train_vision", "merger", "--max_steps", str(STEPS), "--learning_rate", "2e-3",
           "--warmup_steps", "20", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
           "--no-gradient_checkpointing", "--eval_steps", "100", "--logging_steps", "20", "--report_to", "none",
-          "--no_progress"])
+          "--no-progress"])
     out = _run(["inference_example.py", "--adapter", str(model), "--quantization", "8bit", "--evaluate",
                 "--compare_base", "--dataset_dir", str(data), "--split", "test", "--num_samples", str(N_TEST),
                 "--output_dir", str(evald)])
