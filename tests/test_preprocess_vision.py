@@ -56,7 +56,7 @@ def test_columns_report_and_no_pixels(processed):
     dsd, report = processed
     assert set(dsd) == {"train", "validation", "test"}
     cols = {"input_ids", "labels", "source_file", "source_row", "question", "caption", "choices",
-            "answer_label", "image", "image_width", "image_height"}
+            "answer_label", "truncated", "image", "image_width", "image_height"}
     for ds in dsd.values():
         assert set(ds.column_names) == cols
         assert str(ds.features["image_width"].dtype) == "int32" and str(ds.features["input_ids"].feature.dtype) == "int32"
