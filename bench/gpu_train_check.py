@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from pmcvqa_sft.atomic import write_json  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_CONFIG = ROOT.parent / "shared" / "fixtures" / "deepseek_r1_distill_llama_8b" / "config.json"
-# DeepSeek-R1-Distill-Llama-8B (docs/DESIGN facts), used when the config file isn't there (a bare GPU box)
+# DeepSeek-R1-Distill-Llama-8B (its published config.json), used when the config file isn't there (a bare GPU box)
 BUILTIN_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                   rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,

@@ -216,7 +216,7 @@ def answer_text_after_letter(answer: str, letter: str, choices: Mapping[str, str
 class ChoiceScores:
     letters: list[str]
     logprob: list[float]                    # sum of the continuation's token log-probs
-    logprob_norm: list[float]               # the same / continuation length in bytes (lm-eval acc_norm)
+    logprob_norm: list[float]               # the same / continuation length in bytes (lm-eval acc_bytes)
     n_tokens: list[int] = field(default_factory=list)
 
     @property

@@ -1,6 +1,6 @@
 """Reading and validating PMC-VQA CSVs (v1 and v2); `sources.py` locates them (file, folder or Hub).
 
-Two schemas (see docs in ../shared/DESIGN.md):
+Two schemas (docs/PREPROCESSING.md):
     v1  Figure_path,Question,Answer,Choice A,Choice B,Choice C,Choice D,Answer_label
         `Answer` is the choice TEXT, `Answer_label` the letter.
     v2  index,Figure_path,Caption,Question,Choice A,Choice B,Choice C,Choice D,Answer,split

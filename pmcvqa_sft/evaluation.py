@@ -2,7 +2,7 @@
 
 - score: `answers.score_choices`, one forward pass per batch of questions, no generation. The
   prediction is the choice with the highest summed log-probability; the byte-normalised variant
-  (lm-eval's acc_norm) is reported as `accuracy_norm`.
+  (lm-eval's `acc_bytes`, not its per-character `acc_norm`) is reported as `accuracy_norm`.
 - generate: greedy, batched, left-padded generation (`generation.generate_ids`), then
   `answers.extract_answer`; answers it can't parse count as wrong and are reported as unparseable.
   An answer states a letter and (in the trained format) the choice text after it; the two are read

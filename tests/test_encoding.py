@@ -13,7 +13,7 @@ CHOICES2 = {"A": "Benign", "B": "Malignant"}
 CAPTION = "Axial T2-weighted image of the brain showing a hyperintense lesion."
 QUESTION = "Which imaging modality was used to acquire this figure?"
 
-# Real DeepSeek-R1-Distill-Llama-8B ids (../shared/DESIGN.md).
+# Real DeepSeek-R1-Distill-Llama-8B ids (its tokenizer_config.json; docs/PREPROCESSING.md).
 BOS, EOS, ASSISTANT, THINK, NEWLINE = 128000, 128001, 128012, 128013, 198
 
 

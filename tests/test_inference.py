@@ -3,7 +3,7 @@
 The adapter comes from `pmcvqa_sft.quick_adapter.train_quick_adapter` (plain PEFT loop, cached under artifacts/,
 so it is trained once per machine). It is trained on the first 16 questions of the sample's test file
 until it answers them: the tiny model trained on the whole sample learns which choice TEXT is right but
-not which LETTER holds it (DESIGN.md: letters are too hard for it), so its greedy letter would not
+not which LETTER holds it (letters are too hard for it: docs/INFERENCE_AND_EVALUATION.md), so its greedy letter would not
 reflect its choice scores; a model that knows the answers must make both methods agree.
 """
 from __future__ import annotations
