@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one reduced demo-vision pipeline shared by the module (a few minutes)
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample_vision"
 # Reduced from the Makefile's 600 steps (tuned 62 %, base 24 %, blind 23 % measured): half the steps keeps the
