@@ -10,7 +10,7 @@ Commands (offline, with the embedded tiny model; replace `tiny` / the adapter fo
     python inference_example.py --adapter runs/demo/model --merge_and_save runs/demo/merged
     python inference_example.py --model runs/demo/merged --demo
     # an image model (make demo-vision): one figure, the evaluation with the blind ablation, a comparison
-    python inference_example.py --adapter runs/demo-vision/model --greedy --image data/sample_vision/demo/SYNTE0018_F1.png \
+    python inference_example.py --adapter runs/demo-vision/model --greedy --image data/sample_vision/demo/SYNTE0194_F1.png \
         --question "What colour is the square in the figure?" --choices Red Green Blue Yellow
     python inference_example.py --adapter runs/demo-vision/model --evaluate --dataset_dir runs/demo-vision/data \
         --compare_base --output_dir runs/demo-vision/eval

@@ -1,7 +1,7 @@
 """The embedded offline image model: a tiny Qwen2.5-VL (random weights), tokenizer and image processor.
 
 It stands in for Qwen/Qwen2.5-VL-7B-Instruct wherever the hub can't be reached (tests, the vision demo):
-- the tokenizer is a byte-level BPE (vocabulary 400) trained here on the bundled samples' text, carrying
+- the tokenizer is a byte-level BPE (vocabulary 800) trained here on the bundled samples' text, carrying
   Qwen's special tokens (`<|endoftext|>` = pad, `<|im_start|>`, `<|im_end|>` = EOS, `<|vision_start|>`,
   `<|vision_end|>`, `<|image_pad|>`, `<|video_pad|>`), with a chat template that renders Qwen2.5-VL's
   format: a default system turn, `<|im_start|>role\\n...<|im_end|>\\n`, one
@@ -9,7 +9,7 @@ It stands in for Qwen/Qwen2.5-VL-7B-Instruct wherever the hub can't be reached (
   (no think block);
 - the model is a `Qwen2_5_VLForConditionalGeneration`: text part hidden 128, 2 layers, 4 heads / 2 KV heads,
   `mrope_section=[4, 6, 6]`, tied embeddings; vision part depth 2, hidden 64, patch 14, spatial merge 2,
-  temporal patch 2, `out_hidden_size` = the text hidden size (about 0.6 M parameters in all);
+  temporal patch 2, `out_hidden_size` = the text hidden size (about 0.66 M parameters in all);
 - the image processor is transformers' PIL `Qwen2VLImageProcessorPil` (no torchvision needed) with
   min_pixels 56x56 (Qwen's own) and max_pixels 112x112, so a 112x112 figure becomes 16 `<|image_pad|>`.
 
@@ -63,15 +63,18 @@ TEXT_KW = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_
 VISION_KW = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=14,
                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
 IMAGE_KW = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
-VOCAB_SIZE, SEED = 400, 0
+VOCAB_SIZE, SEED = 800, 0
 
 
 def _tokenizer_texts() -> list[str]:
-    """Every string of the bundled samples plus the prompt text (rendered through prompts.py)."""
+    """Every string of the bundled samples plus the prompt text and every answer line of the image
+    sample (rendered through prompts.py), repeated so that the instruction, `Answer:` and ` Red` are
+    whole tokens: a target spelled letter by letter is far harder for the tiny model to learn."""
     from . import prompts, sample_data, vision_sample
-    demo = {"A": "red", "B": "green", "C": "blue", "D": "yellow"}
-    fixed = [prompts.format_user_prompt("What colour is the square?", demo),
-             prompts.answer_line("B", "green"), DEFAULT_SYSTEM]
+    colours = list(vision_sample.COLOURS)
+    fixed = [prompts.format_user_prompt(q, dict(zip(prompts.LETTERS, colours[i:] + colours[:i])))
+             for i, q in enumerate(vision_sample.QUESTIONS)]
+    fixed += [prompts.answer_line(letter, c) for letter in prompts.LETTERS for c in colours] + [DEFAULT_SYSTEM]
     return sample_data.all_text() + vision_sample.all_text() + fixed * 20
 
 

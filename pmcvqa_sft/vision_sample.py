@@ -2,19 +2,20 @@
 
     python -m pmcvqa_sft.vision_sample --out data/sample_vision [--overwrite]
 
-The task can only be solved by looking: every row asks for the colour of the one square drawn on a
-noisy 112x112 figure. Caption and question wording are the same whatever the colour, the 4 choices
-are shuffled (gold letters balanced), so a text-only model is at chance (25 %).
+The task can only be solved by looking: every row asks for the colour (one of 6) of the one square
+drawn on a noisy 112x112 figure. Caption and question wording are the same whatever the colour, the
+4 choices are shuffled (gold letters balanced), so a text-only model is at chance (25 %).
 
-Files (deterministic, about 0.4 MB in all):
+Files (deterministic, about 0.67 MB in all):
     train_2.csv    v2 header (index,Figure_path,Caption,Question,Choice A-D,Answer,split), 800 rows on
-                   400 figures (each figure asked twice, with different wording and choice order)
+                   800 figures (one of 3 question wordings each)
     test_2.csv     200 rows on 200 figures never used in train_2.csv
-    images_2.zip   the 600 figures under a top-level `figures/` folder, like the release's archive is
+    images_2.zip   the 1,000 figures under a top-level `figures/` folder, like the release's archive is
                    read (`--images data/sample_vision/images_2.zip`, read in place, never extracted)
     demo/          4 test figures as loose files, for `--image PATH` questions
 
-Figures are small on purpose: the noise is 8x8-pixel blocks of 5 gray levels, saved as palette PNGs.
+Figures are small on purpose: the noise is 14x14-pixel blocks (one per vision patch) of 5 gray levels,
+saved as palette PNGs.
 A few figures use other modes so the RGB conversion is exercised on every run: grayscale (`L`, only
 for white/black squares), RGB, RGBA (translucent background) and CMYK JPEG.
 """
@@ -31,17 +32,18 @@ from .sample_data import V2_HEADER, write_csv
 
 SEED = 20261129
 SIZE = 112
-BLOCK = 8
+BLOCK = 14  # noise blocks the size of a vision patch: small PNGs, the square the only colour
 GRAYS = (96, 112, 128, 144, 160)
 # name -> RGB. Distinct hues (plus white/black, the only ones a grayscale figure can show).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "Red": (220, 30, 30), "Green": (30, 170, 40), "Blue": (40, 60, 220), "Yellow": (235, 220, 40),
-    "Purple": (140, 40, 170), "Orange": (245, 140, 20), "White": (255, 255, 255), "Black": (0, 0, 0)}
+    "White": (255, 255, 255), "Black": (0, 0, 0)}
 QUESTIONS = ["What colour is the square in the figure?", "Which colour does the square have?",
              "The square shown in this image is which colour?"]
 CAPTION = "One coloured square on a noisy gray background."
 PREFIX_STYLES = ("{L}:{t}", " {L}: {t} ", "{L}: {t}", "{L}:{t} ")  # the release's uneven own prefixes
-N_TRAIN_FIGURES, ROWS_PER_TRAIN_FIGURE, N_TEST_FIGURES = 400, 2, 200
+N_TRAIN_FIGURES, ROWS_PER_TRAIN_FIGURE, N_TEST_FIGURES = 800, 1, 200
+SIDE = (30, 46)  # square side in pixels: always covers at least one whole 14-px patch
 ARCHIVE, TOP = "images_2.zip", "figures"
 ZIP_TIME = (2026, 11, 29, 0, 0, 0)  # fixed member dates: the archive is byte-for-byte reproducible
 N_DEMO = 4
@@ -54,7 +56,7 @@ def all_text() -> list[str]:
 
 def _mode(i: int, colour: str) -> str:
     """Which image mode figure i is saved in (most are palette PNGs)."""
-    if colour in ("White", "Black") and i % 3 == 0:
+    if colour in ("White", "Black") and (i // len(COLOURS)) % 3 == 0:
         return "L"
     if i % 50 == 19:
         return "CMYK"
@@ -62,7 +64,7 @@ def _mode(i: int, colour: str) -> str:
 
 
 def draw_figure(rng: random.Random, colour: str, mode: str):
-    """A 112x112 figure: 8x8 blocks of gray noise and one square of `colour` (side 24-44 px).
+    """A 112x112 figure: 8x8 blocks of gray noise and one square of `colour` (side 30-46 px).
 
     Drawn as a palette image (indices 0-4 the grays, 5 the square's colour), then converted."""
     from PIL import Image, ImageDraw
@@ -72,7 +74,7 @@ def draw_figure(rng: random.Random, colour: str, mode: str):
     small.putdata([rng.randrange(len(GRAYS)) for _ in range(n * n)])
     im = small.resize((SIZE, SIZE), Image.NEAREST)
     im.putpalette([v for g in GRAYS for v in (g, g, g)] + list(COLOURS[colour]))
-    side = rng.randint(24, 44)
+    side = rng.randint(*SIDE)
     x, y = rng.randint(4, SIZE - side - 4), rng.randint(4, SIZE - side - 4)
     box = [x, y, x + side - 1, y + side - 1]
     ImageDraw.Draw(im).rectangle(box, fill=len(GRAYS))
@@ -109,7 +111,7 @@ def build_sample(seed: int = SEED):
     k = 0
     for split, n_fig, per in (("train", N_TRAIN_FIGURES, ROWS_PER_TRAIN_FIGURE), ("test", N_TEST_FIGURES, 1)):
         for i in range(n_fig):
-            colour = names[(i * 3 + (split == "test")) % len(names)]  # every colour equally often
+            colour = names[(i + (split == "test")) % len(names)]  # every colour equally often
             ext, data = _encode(draw_figure(rng, colour, _mode(i, colour)))
             fname = f"SYN{'TR' if split == 'train' else 'TE'}{i:04d}_F1{ext}"
             figures[fname] = data

@@ -63,8 +63,8 @@ def test_columns_report_and_no_pixels(processed):
     assert report["model_kind"] == "vision"
     assert report["kept"] == report["rows_read"] == 1000 and report["skipped"] == {}
     img = report["images"]
-    assert (img["kind"], img["prefix"], img["checked"], img["rows_checked"]) == ("zip", "figures", 600, 1000)
-    assert img["figures_used"] == 600 and img["skipped"] == {} and img["root"] == str(ZIP.resolve())
+    assert (img["kind"], img["prefix"], img["checked"], img["rows_checked"]) == ("zip", "figures", 1000, 1000)
+    assert img["figures_used"] == 1000 and img["skipped"] == {} and img["root"] == str(ZIP.resolve())
     assert img["image_tokens"]["min"] == img["image_tokens"]["max"] == 16
     from pmcvqa_sft import vision_collate, vision_processor
     assert vision_processor.DEFAULT_MAX_PIXELS == vision_collate.DEFAULT_MAX_PIXELS  # one default, two homes
@@ -133,12 +133,15 @@ def test_system_prompt_and_caption_variants_stay_exact(tmp_path, proc):
 
 
 def test_image_tokens_count_against_max_length(tmp_path, proc):
-    full = preprocess(SAMPLE, ZIP, tmp_path / "a", proc, max_samples=40, max_length=195)
-    capped = preprocess(SAMPLE, ZIP, tmp_path / "b", proc, max_samples=40, max_length=195, max_pixels=28 * 28)
-    # rows are 181-191 tokens with one placeholder: with 16 image tokens some exceed 195, with 1 none do
+    probe = preprocess(SAMPLE, ZIP, tmp_path / "p", proc, max_samples=40, max_pixels=28 * 28)
+    longest = probe["token_lengths"]["total"]["max"]  # stored rows: text + one placeholder
+    limit = longest + 14  # only the longest rows need one token less with 16 image tokens
+    full = preprocess(SAMPLE, ZIP, tmp_path / "a", proc, max_samples=40, max_length=limit)
+    capped = preprocess(SAMPLE, ZIP, tmp_path / "b", proc, max_samples=40, max_length=limit, max_pixels=28 * 28)
+    # 16 image tokens (15 beyond the placeholder) push the longest rows over the limit; 1 token does not
     shortened = lambda r: sum(r["truncated"].values()) + r["skipped"].get("too_long", 0)  # noqa: E731
     assert shortened(full) > 0 and shortened(capped) == 0
-    assert full["token_lengths"]["total"]["max"] + 15 <= 195  # the stored (unexpanded) rows + image tokens fit
+    assert full["token_lengths"]["total"]["max"] + 15 <= limit  # the stored (unexpanded) rows + image tokens fit
     assert capped["images"]["image_tokens"]["max"] == 1
     assert capped["image_processor"]["max_pixels_arg"] == 784
 
@@ -348,7 +351,7 @@ def test_images_hub_downloads_archive_only_when_asked(tmp_path, proc, monkeypatc
     report = run_preprocess(data="xmcmic/PMC-VQA", tokenizer_name="tiny-vision", output_dir=str(tmp_path / "o"),
                             tokenizer=proc.tokenizer, vision=prep, max_samples=10, progress=False)
     assert [c for c in calls if "zip" in c[-1]] == [("info", "images_2.zip"), ("download", "images_2.zip")]
-    assert "0.3 MB" in logs[0] and report["images"]["source"] == "hub" and report["kept"] == 20
+    assert f"{ZIP.stat().st_size / 1e6:.1f} MB" in logs[0] and report["images"]["source"] == "hub" and report["kept"] == 20
     calls.clear()
     preprocess(SAMPLE, ZIP, tmp_path / "p", proc, max_samples=4)  # a local --images never asks the Hub
     assert calls == []
@@ -366,7 +369,7 @@ def test_bundled_sample_is_what_the_generator_writes(tmp_path):
             pb = np.asarray(Image.open(io.BytesIO(b.read(name))).convert("RGB"))
             assert (pa == pb).all() if name.endswith(".png") else np.abs(pa.astype(int) - pb).max() < 8
     assert sorted(p.name for p in (SAMPLE / "demo").iterdir()) == sorted(p.name for p in (tmp_path / "demo").iterdir())
-    assert sum(f.stat().st_size for f in SAMPLE.rglob("*") if f.is_file()) < 600_000
+    assert sum(f.stat().st_size for f in SAMPLE.rglob("*") if f.is_file()) < 750_000
 
 
 def test_bundled_sample_needs_the_figure():
