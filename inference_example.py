@@ -89,8 +89,9 @@ def parse_args(argv=None):
                    help="cap on each figure's width x height after resizing (default: the training run's)")
     v.add_argument("--images", default=None,
                    help="--evaluate: where the dataset's figures are now (folder or zip), if they moved")
-    v.add_argument("--no_blind", action="store_true",
-                   help="--evaluate: skip the blind ablation (the model with every figure blanked)")
+    v.add_argument("--blind", action=argparse.BooleanOptionalAction, default=True,
+                   help="--evaluate: also run the blind ablation (the model with every figure blanked); "
+                        "--no-blind skips it")
     mode.add_argument("--compare_runs", nargs="+", metavar="EVAL_DIR", default=None,
                       help="side-by-side table of several --evaluate --output_dir folders on their common "
                            "test rows (e.g. text-only tuned, image base, image tuned, blind)")
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
             from pmcvqa_sft.vision_eval import run_vision_evaluation
             run_vision_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size,
                                   args.method, args.letter_only, args.max_new_tokens, args.output_dir,
-                                  args.compare_base, args.overwrite, blind=not args.no_blind,
+                                  args.compare_base, args.overwrite, blind=args.blind,
                                   images=args.images, max_pixels=args.max_pixels)
             return 0
         evaluation.run_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size,

@@ -53,25 +53,35 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def load_eval_rows(dataset_dir, split: str = "test", num_samples: int | None = None):
-    """(rows as dicts, preprocess report) of one split; one-line errors for a bad dataset or split."""
+def load_eval_rows(dataset_dir, split: str = "test", num_samples: int | None = None,
+                   extra_columns: Sequence[str] = (), missing_hint: str = ""):
+    """(rows as dicts, preprocess report) of one split; one-line errors for a bad dataset or split.
+
+    Each row carries the trained prompt (`prompt_ids`: the -100 part of the stored ids) and the stored
+    target (`target_ids`) when the dataset has token columns. `extra_columns` must be present (image
+    datasets: the figure reference and size); `missing_hint` says what to do when they are not."""
     dsd, report = load_processed(dataset_dir, need_columns=NEED_COLUMNS)
     if split not in dsd:
         raise InputError(f"dataset '{dataset_dir}' has no split '{split}' (it has {', '.join(dsd)})")
     ds = dsd[split]
+    missing = [c for c in extra_columns if c not in ds.column_names]
+    if missing:
+        raise InputError(f"dataset '{dataset_dir}' split '{split}' lacks {missing}{missing_hint}")
     if len(ds) == 0:
         raise InputError(f"split '{split}' of dataset '{dataset_dir}' is empty")
     if num_samples is not None:
         if num_samples < 1:
             raise InputError(f"--num_samples must be at least 1, got {num_samples}")
         ds = ds.select(range(min(num_samples, len(ds))))
-    keep = [c for c in ("question", "choices", "answer_label", "caption", "source_file", "source_row",
-                        "truncated", "input_ids", "labels") if c in ds.column_names]
+    keep = [c for c in dict.fromkeys(("question", "choices", "answer_label", "caption", "source_file",
+                                      "source_row", "truncated", "input_ids", "labels", *extra_columns))
+            if c in ds.column_names]
     rows = []
     for i, r in enumerate(ds.select_columns(keep)):
         ids, labels = r.pop("input_ids", None), r.pop("labels", None)
         if ids is not None and labels is not None:  # the trained prompt: the -100 part before the target
-            r["prompt_ids"] = ids[:next((k for k, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))]
+            n = next((k for k, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
+            r["prompt_ids"], r["target_ids"] = ids[:n], ids[n:]
         choices = row_choices(r)
         if r["answer_label"] not in choices:
             raise InputError(f"dataset '{dataset_dir}' split '{split}' row {i}: answer_label "

@@ -27,34 +27,10 @@ NEED = ("input_ids", "labels", "question", "choices", "answer_label", "image", "
 
 def load_vision_rows(dataset_dir, split="test", num_samples=None):
     """(rows with prompt ids, stored target ids and figure ref; preprocess report)."""
-    from .dataset_io import load_processed, row_choices
-    from .encoding import IGNORE_INDEX
-    dsd, report = load_processed(dataset_dir, need_columns=())
-    if split not in dsd:
-        raise InputError(f"dataset '{dataset_dir}' has no split '{split}' (it has {', '.join(dsd)})")
-    ds = dsd[split]
-    missing = [c for c in NEED if c not in ds.column_names]
-    if missing:
-        raise InputError(f"dataset '{dataset_dir}' split '{split}' lacks {missing}: not an image dataset "
-                         f"(preprocess with --images and an image model's --tokenizer)")
-    if len(ds) == 0:
-        raise InputError(f"split '{split}' of dataset '{dataset_dir}' is empty")
-    if num_samples is not None:
-        if num_samples < 1:
-            raise InputError(f"--num_samples must be at least 1, got {num_samples}")
-        ds = ds.select(range(min(num_samples, len(ds))))
-    keep = [c for c in (*NEED, "caption", "source_file", "source_row") if c in ds.column_names]
-    rows = []
-    for i, r in enumerate(ds.select_columns(keep)):
-        n = next((k for k, lab in enumerate(r["labels"]) if lab != IGNORE_INDEX), len(r["labels"]))
-        choices = row_choices(r)
-        if r["answer_label"] not in choices:
-            raise InputError(f"dataset '{dataset_dir}' split '{split}' row {i}: answer_label "
-                             f"'{r['answer_label']}' is not one of its choices {list(choices)}")
-        rows.append({**{k: v for k, v in r.items() if k not in ("input_ids", "labels")},
-                     "choices": choices, "index": i, "prompt_ids": r["input_ids"][:n],
-                     "target_ids": r["input_ids"][n:]})
-    return rows, report
+    from .evaluation import load_eval_rows
+    return load_eval_rows(dataset_dir, split, num_samples, extra_columns=NEED,
+                          missing_hint=": not an image dataset (preprocess with --images and an image "
+                                       "model's --tokenizer)")
 
 
 def candidate_targets(tokenizer, choices, letter_only=False) -> tuple[list[str], list[list[int]]]:

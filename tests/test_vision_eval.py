@@ -114,7 +114,7 @@ def test_score_equals_generation_logprobs(pipeline, loaded):
 def test_generate_method_on_image_rows(pipeline, tmp_path):
     gen = tmp_path / "gen"
     _run(["inference_example.py", "--adapter", str(pipeline["model"]), "--quantization", "8bit", "--evaluate",
-          "--method", "generate", "--no_blind", "--dataset_dir", str(pipeline["data"]), "--num_samples", "24",
+          "--method", "generate", "--no-blind", "--dataset_dir", str(pipeline["data"]), "--num_samples", "24",
           "--max_new_tokens", "24", "--output_dir", str(gen)])
     generated = [json.loads(x) for x in (gen / "predictions.jsonl").read_text().splitlines()]
     assert len(generated) == 24 and all(g["tuned"]["output"].startswith("Answer: ") for g in generated)
