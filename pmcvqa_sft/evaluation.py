@@ -176,14 +176,18 @@ def _shown(pred: dict) -> str:
     return pred["pred"] or ("conflict" if pred.get("conflict") else "none")
 
 
-def evaluate_model(model, tokenizer, rows, method="score", batch_size=16, letter_only=False,
-                   max_new_tokens=DEFAULT_EVAL_MAX_NEW_TOKENS, system_prompt=None, progress=True,
-                   include_caption=False):
-    """(predictions, metrics) of one model on `rows` (prompts built as the preprocessor built them)."""
+def check_eval_args(method: str, batch_size: int) -> None:
     if method not in ("score", "generate"):
         raise InputError(f"unknown --method '{method}': choose score or generate")
     if batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {batch_size}")
+
+
+def evaluate_model(model, tokenizer, rows, method="score", batch_size=16, letter_only=False,
+                   max_new_tokens=DEFAULT_EVAL_MAX_NEW_TOKENS, system_prompt=None, progress=True,
+                   include_caption=False):
+    """(predictions, metrics) of one model on `rows` (prompts built as the preprocessor built them)."""
+    check_eval_args(method, batch_size)
     start = time.perf_counter()
     if method == "score":
         preds = predict_score(model, tokenizer, rows, batch_size, letter_only, system_prompt, progress,

@@ -289,18 +289,23 @@ def write_csv(path: Path, rows) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m pmcvqa_sft.sample_data",
-        description="Write the bundled synthetic PMC-VQA-format sample (v1 train.csv/test.csv, "
-                    "v2 train_2.csv/test_2.csv). Deterministic; not PMC-VQA content.")
-    ap.add_argument("--out", default="data/sample", help="output folder (default: data/sample)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing CSVs in --out")
-    ap.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
+def sample_cli(argv, prog: str, description: str, default_out: str, write, seed: int = SEED) -> int:
+    """The command line of a bundled-sample generator (this one and vision_sample.py)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    ap.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
     args = ap.parse_args(argv)
-    for p in write_sample(args.out, overwrite=args.overwrite, seed=args.seed):
+    for p in write(args.out, overwrite=args.overwrite, seed=args.seed):
         print(f"wrote {p}")
     return 0
+
+
+def main(argv=None) -> int:
+    return sample_cli(argv, "python -m pmcvqa_sft.sample_data",
+                      "Write the bundled synthetic PMC-VQA-format sample (v1 train.csv/test.csv, "
+                      "v2 train_2.csv/test_2.csv). Deterministic; not PMC-VQA content.",
+                      "data/sample", write_sample)
 
 
 if __name__ == "__main__":

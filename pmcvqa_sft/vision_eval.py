@@ -118,11 +118,8 @@ def predict_generate(model, collator, tokenizer, rows, batch_size=16, max_new_to
 def evaluate_vision_model(model, collator, tokenizer, rows, method="score", batch_size=16, letter_only=False,
                           max_new_tokens=96, progress=True):
     """(predictions, metrics) of one model on `rows`, figures as the collator gives them."""
-    from .evaluation import compute_metrics
-    if method not in ("score", "generate"):
-        raise InputError(f"unknown --method '{method}': choose score or generate")
-    if batch_size < 1:
-        raise InputError(f"--batch_size must be at least 1, got {batch_size}")
+    from .evaluation import check_eval_args, compute_metrics
+    check_eval_args(method, batch_size)
     start = time.perf_counter()
     if method == "score":
         preds = predict_score(model, collator, tokenizer, rows, batch_size, letter_only, progress)

@@ -21,14 +21,13 @@ for white/black squares), RGB, RGBA (translucent background) and CMYK JPEG.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import random
 import zipfile
 from pathlib import Path
 
 from .prompts import LETTERS
-from .sample_data import V2_HEADER, write_csv
+from .sample_data import V2_HEADER, sample_cli, write_csv
 
 SEED = 20261129
 SIZE = 112
@@ -168,17 +167,9 @@ def write_sample(out_dir, overwrite: bool = False, seed: int = SEED) -> list[Pat
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m pmcvqa_sft.vision_sample",
-        description="Write the bundled synthetic image sample (v2 train_2.csv/test_2.csv + images_2.zip). "
-                    "Deterministic; not PMC-VQA content.")
-    ap.add_argument("--out", default="data/sample_vision", help="output folder (default: data/sample_vision)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
-    ap.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
-    args = ap.parse_args(argv)
-    for p in write_sample(args.out, overwrite=args.overwrite, seed=args.seed):
-        print(f"wrote {p}")
-    return 0
+    return sample_cli(argv, "python -m pmcvqa_sft.vision_sample",
+                      "Write the bundled synthetic image sample (v2 train_2.csv/test_2.csv + images_2.zip). "
+                      "Deterministic; not PMC-VQA content.", "data/sample_vision", write_sample, SEED)
 
 
 if __name__ == "__main__":
