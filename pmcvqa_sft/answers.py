@@ -330,6 +330,7 @@ def score_choices(model, tokenizer, items: Sequence[ScoreItem], batch_size: int 
                   progress: bool = True) -> list[ChoiceScores]:
     """Log-likelihood of every choice of every item, `batch_size` questions per forward pass."""
     from tqdm.auto import tqdm
+    from .modeling import progress_bars_wanted  # no bar fragments in logs
 
     encoder = PromptEncoder(tokenizer, system_prompt)
     rows = build_score_rows(encoder, items, letter_only)
@@ -337,7 +338,8 @@ def score_choices(model, tokenizer, items: Sequence[ScoreItem], batch_size: int 
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + max(map(len, rows[i][2])))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[ChoiceScores | None] = [None] * len(rows)
-    bar = tqdm(range(0, len(order), batch_size), desc="scoring", disable=not progress, leave=False)
+    bar = tqdm(range(0, len(order), batch_size), desc="scoring",
+                 disable=not progress_bars_wanted(progress), leave=False)
     for start in bar:
         idx = order[start:start + batch_size]
         for i, res in zip(idx, _score_batch(model, pad_id, [rows[i] for i in idx])):

@@ -114,6 +114,7 @@ def predict_score(model, tokenizer, rows, batch_size=16, letter_only=False, syst
 def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAULT_EVAL_MAX_NEW_TOKENS,
                      system_prompt=None, progress=True, include_caption=False) -> list[dict]:
     from tqdm.auto import tqdm
+    from .modeling import progress_bars_wanted  # no bar fragments in logs
     sys_msg = [{"role": "system", "content": system_prompt}] if system_prompt else []
     enc = [r["prompt_ids"] if r.get("prompt_ids") is not None else tokenizer(
         render_prompt(tokenizer, sys_msg + [{"role": "user", "content": _user_text(r, include_caption)}]),
@@ -121,7 +122,8 @@ def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAU
     settings = GenerationSettings(do_sample=False, max_new_tokens=max_new_tokens)
     order = sorted(range(len(rows)), key=lambda i: len(enc[i]))  # less left padding per batch
     out: list[dict | None] = [None] * len(rows)
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc="generating",
+                      disable=not progress_bars_wanted(progress), leave=False):
         idx = order[start:start + batch_size]
         for i, g in zip(idx, generate_ids(model, tokenizer, [enc[i] for i in idx], settings)):
             # the prompt's last tokens tell whether it opened the think block (DeepSeek's `<think>\n`)

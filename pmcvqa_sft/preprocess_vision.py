@@ -115,6 +115,7 @@ class VisionPrep:
         """Drop rows whose figure is unusable (counted in `skipped` as figure_<reason>); returns the
         remaining {split: records} and remembers each kept row's ref, size and image-token count."""
         from tqdm.auto import tqdm
+        from .modeling import progress_bars_wanted  # no bar fragments in logs
 
         t0 = time.perf_counter()
         recs_all = [r for recs in source.values() for r in recs]
@@ -137,7 +138,7 @@ class VisionPrep:
                 return ref, skip.reason
 
         with ThreadPoolExecutor(self.workers) as pool, \
-                tqdm(total=len(distinct), desc="checking figures", unit="fig", disable=not progress) as bar:
+                tqdm(total=len(distinct), desc="checking figures", unit="fig", disable=not progress_bars_wanted(progress)) as bar:
             for ref, res in pool.map(one, distinct, chunksize=16):
                 results[ref] = res
                 bar.update(1)

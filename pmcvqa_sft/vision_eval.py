@@ -65,6 +65,7 @@ def sequence_logprobs(model, collator, items) -> list[float]:
 
 def predict_score(model, collator, tokenizer, rows, batch_size=16, letter_only=False, progress=True):
     from tqdm.auto import tqdm
+    from .modeling import progress_bars_wanted  # no bar fragments in logs
     targets, nbytes = [], []
     for r in rows:
         contents, t = candidate_targets(tokenizer, r["choices"], letter_only)
@@ -76,7 +77,8 @@ def predict_score(model, collator, tokenizer, rows, batch_size=16, letter_only=F
                              f"(a --reasoning dataset?); evaluate it with --method generate")
         targets.append(t)
     out = [None] * len(rows)
-    for start in tqdm(range(0, len(rows), batch_size), desc="scoring", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(rows), batch_size), desc="scoring",
+                      disable=not progress_bars_wanted(progress), leave=False):
         idx = list(range(start, min(start + batch_size, len(rows))))
         sums = sequence_logprobs(model, collator, [(rows[i]["prompt_ids"], t, rows[i]["image"])
                                                    for i in idx for t in targets[i]])
@@ -95,6 +97,7 @@ def predict_score(model, collator, tokenizer, rows, batch_size=16, letter_only=F
 
 def predict_generate(model, collator, tokenizer, rows, batch_size=16, max_new_tokens=96, progress=True):
     from tqdm.auto import tqdm
+    from .modeling import progress_bars_wanted  # no bar fragments in logs
 
     from .encoding import assistant_turn
     from .evaluation import generated_prediction
@@ -103,7 +106,8 @@ def predict_generate(model, collator, tokenizer, rows, batch_size=16, max_new_to
     settings = GenerationSettings(do_sample=False, max_new_tokens=max_new_tokens)
     out = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc="generating",
+                      disable=not progress_bars_wanted(progress), leave=False):
         idx = order[start:start + batch_size]
         feats = [{"image": rows[i]["image"]} for i in idx]
         inputs = build_batch([(rows[i]["prompt_ids"], None) for i in idx], collator.figures(feats),

@@ -40,3 +40,19 @@ def test_tiny_training_setup_logs_no_notices(processed_tiny, tiny_dir, tmp_path,
     run.trainer.train()
     out, err = capfd.readouterr()
     _assert_quiet(out + err)
+
+
+def test_evaluation_logs_no_progress_fragments(processed_tiny, tiny_dir, capfd, one_thread):
+    """Scoring and generating (as --evaluate runs them) leave no bar fragments in a non-terminal log."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pmcvqa_sft.evaluation import evaluate_model, load_eval_rows
+    rows, _ = load_eval_rows(processed_tiny, "test", num_samples=20)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    capfd.readouterr()
+    for method in ("score", "generate"):  # batch 4: several batches, so a bar would redraw
+        preds, metrics = evaluate_model(model, tok, rows, method=method, batch_size=4, max_new_tokens=4)
+        assert metrics["n"] == len(rows) == len(preds)
+    out, err = capfd.readouterr()
+    _assert_quiet(out + err)
