@@ -47,7 +47,7 @@ DEMO_STEPS ?= 600
 DEMO_LR    ?= 1e-3
 demo: setup
 	@set -e; run="$(RUN_DIR)"; start=$$(date +%s); \
-	echo "==> [1/4] embedded tiny model (built once, cached in artifacts/)"; \
+	echo "==> [1/4] embedded tiny model (first run only: tokenizer + 600 pretraining steps, then cached in artifacts/)"; \
 	$(PYTHON) -m pmcvqa_sft.tiny; \
 	echo "==> [2/4] preprocessing the bundled sample -> $$run/data"; \
 	$(PYTHON) preprocess_pmc_vqa_for_sft.py --data data/sample --tokenizer tiny --output_dir $$run/data; \
