@@ -7,7 +7,7 @@ training step was 10-15x slower with 2 threads than with 1, and 1 thread was nev
 this toolkit runs on the CPU are the embedded tiny model (hidden size 128: too small to split over
 threads usefully) and, rarely, an 8B model on a many-core server.
 
-Applied by `modeling.load_model` (every script and test that loads a model), training's setup, the tiny
+Applied by `models.loading.load_model` (every script and test that loads a model), training's setup, the tiny
 model's builder, the merge and the quick test adapter; tests/conftest.py applies it to the test process.
 Rule (`choose_threads`):
 - an explicit value wins: `--threads N` on the scripts (remembered for the rest of the process), else
@@ -20,21 +20,11 @@ from __future__ import annotations
 
 import os
 
+from .errors import InputError
+from .paths import is_tiny
+
 ENV = "PMCVQA_THREADS"
 SMALL_MACHINE_CORES = 4
-
-
-def _is_tiny(model_name) -> bool:
-    if model_name is None:
-        return False
-    from .tiny import DEFAULT_DIR, TINY_ALIAS
-    name = str(model_name)
-    if name == TINY_ALIAS:
-        return True
-    try:
-        return os.path.samefile(name, DEFAULT_DIR) or os.path.isfile(os.path.join(name, "tiny_build.json"))
-    except OSError:
-        return False
 
 
 _explicit: int | None = None  # a --threads given earlier in this process wins over later automatic choices
@@ -42,7 +32,6 @@ _explicit: int | None = None  # a --threads given earlier in this process wins o
 
 def choose_threads(model_name=None, threads: int | None = None) -> int | None:
     """The intra-op thread count to use, or None to keep torch's default (see the module docstring)."""
-    from .errors import InputError
     if threads is None:
         threads = _explicit
     if threads is None and os.environ.get(ENV, "").strip():
@@ -55,7 +44,7 @@ def choose_threads(model_name=None, threads: int | None = None) -> int | None:
         if threads < 1:
             raise InputError(f"--threads / {ENV} must be at least 1 (got {threads})")
         return threads
-    if _is_tiny(model_name):
+    if is_tiny(model_name):
         return 1
     import torch
     if not torch.cuda.is_available() and (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:

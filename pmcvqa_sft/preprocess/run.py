@@ -26,14 +26,19 @@ import uuid
 from itertools import chain, islice
 from pathlib import Path
 
-from . import encoding, prompts
-from .encoding import NO_HEAD, RowEncoder
-from .data import ReadStats, read_pmc_vqa_csv
-from .sources import resolve_data_files
-from .dataset_io import EXAMPLES_NAME, REPORT_NAME
-from . import atomic
-from .atomic import replace_dir
-from .errors import InputError
+from .. import prompts
+from ..core import atomic
+from ..core.atomic import replace_dir
+from ..core.errors import InputError
+from ..core.notices import progress_bars_wanted
+from ..core.paths import TINY_VISION_ALIAS
+from ..data.pmc_vqa import ReadStats, read_pmc_vqa_csv
+from ..data.sources import resolve_data_files
+from ..data.store import EXAMPLES_NAME, REPORT_NAME
+from ..format import encoding
+from ..format.encoding import NO_HEAD
+from ..models.loading import check_tokenizer, covers_all_text, load_processor, load_tokenizer
+from .media import TextMedia, VisionPrep, length_stats
 
 VERIFY_ROWS = 16            # rows per job checked against the per-row apply_chat_template reference
 CHUNK = 10_000              # rows per tokenizer call: big batches keep the Rust tokenizer busy
@@ -121,7 +126,6 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
     if records:
         enc.verify([enc.messages(r) for r in records[:VERIFY_ROWS]])
     kept, P, T = [], [], []
-    from .modeling import progress_bars_wanted
     with tqdm(total=len(records), desc=desc, unit="row",
               disable=not progress_bars_wanted(progress) or len(records) < CHUNK) as bar:
         for start in range(0, len(records), CHUNK):
@@ -149,7 +153,7 @@ def encode_records(enc: RowEncoder, records, max_length, skipped, truncated, des
 
 
 # ---------------------------------------------------------------- Arrow columns
-def build_dataset(records, P, T, with_caption=True, vision=None):
+def build_dataset(records, P, T, with_caption=True, media=None):
     """Columns built straight into Arrow arrays (no per-row .map / feature encoding): int32 tokens,
     -100 on the prompt.
 
@@ -189,8 +193,8 @@ def build_dataset(records, P, T, with_caption=True, vision=None):
         "answer_label": pa.array([r.answer_label for r in records], string),
         "truncated": pa.array([r.truncated for r in records], string),
     }
-    if vision is not None:  # image, image_width, image_height (preprocess_vision.py)
-        vision.add_columns(feats, columns, records)
+    if media is not None:  # image models: image, image_width, image_height (media.py)
+        media.add_columns(feats, columns, records)
     table = pa.Table.from_arrays([columns[c] for c in feats], schema=feats.arrow_schema)
     # An explicit fingerprint: otherwise datasets hashes the whole table (seconds at 177k rows).
     return Dataset(InMemoryTable(table), info=DatasetInfo(features=feats), fingerprint=uuid.uuid4().hex)
@@ -203,15 +207,6 @@ def _split_validation(n: int, val_size, seed: int):
         raise InputError(f"--val_size {val_size} leaves no training rows ({n} train rows kept)")
     perm = np.random.default_rng(seed).permutation(n)
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
-
-
-def _stats(values) -> dict:
-    import numpy as np
-    if len(values) == 0:
-        return {}
-    a = np.asarray(values)
-    return {"min": int(a.min()), "mean": round(float(a.mean()), 2), "p50": float(np.percentile(a, 50)),
-            "p95": float(np.percentile(a, 95)), "max": int(a.max())}
 
 
 def _examples(tok, split, records, P, T, n=EXAMPLES_PER_SPLIT):
@@ -229,7 +224,6 @@ def _examples(tok, split, records, P, T, n=EXAMPLES_PER_SPLIT):
 
 def _save(dsd, path: Path, num_proc, progress: bool) -> None:
     import datasets
-    from .modeling import progress_bars_wanted
     was_on = datasets.is_progress_bar_enabled()
     if not progress_bars_wanted(progress):
         datasets.disable_progress_bars()
@@ -269,7 +263,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
     `system_prompt=None` uses `prompts.SYSTEM_PROMPT` (None by default: no system message); `""` forces
     none. `max_samples` keeps the first N rows of each source split (train, test) before encoding.
     `val_size`: a fraction of train or a row count (0: no validation split). `tokenizer`: an already
-    loaded tokenizer (then `tokenizer_name` is only recorded). `vision`: a `preprocess_vision.VisionPrep`
+    loaded tokenizer (then `tokenizer_name` is only recorded). `vision`: a `media.VisionPrep`
     for image-text models (figures checked, image prompts, image columns; see docs/VISION.md).
     """
     t0 = time.perf_counter()
@@ -304,7 +298,6 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
     if "train" not in source:
         raise InputError(f"--data '{data}': no usable training rows (skipped: {dict(stats.skipped)})")
     lap("read")
-    from .modeling import check_tokenizer, covers_all_text, load_tokenizer
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_name)
     else:
@@ -322,16 +315,15 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             source[split] = recs[:int(max_samples)]
 
     from collections import Counter
-    enc = (vision.row_encoder(tokenizer, sys_prompt, reasoning, include_caption) if vision is not None
-           else RowEncoder(tokenizer, sys_prompt, reasoning, include_caption))
+    media = vision if vision is not None else TextMedia()  # the one text-or-image decision of this stage
+    enc = media.row_encoder(tokenizer, sys_prompt, reasoning, include_caption)
     check_empty = not covers_all_text(tokenizer)
     skipped, truncated, encoded = Counter(stats.skipped), Counter(), {}
-    if vision is not None:  # rows whose figure is missing or bad are dropped here, counted by reason
-        source = vision.check(source, data, skipped, progress)
+    # image rows whose figure is missing or bad are dropped here, counted by reason
+    source = media.check(source, data, skipped, progress)
     for split, recs in source.items():
         encoded[split] = encode_records(enc, recs, int(max_length), skipped, truncated, f"tokenizing {split}",
-                                        progress, check_empty,
-                                        extra=vision.extra_tokens if vision is not None else None)
+                                        progress, check_empty, extra=media.extra_tokens)
     if not encoded["train"][0]:
         why = {k: v for k, v in skipped.items() if k not in stats.skipped}
         raise InputError(f"no training row left for --tokenizer '{tokenizer_name}' and --max_length "
@@ -346,7 +338,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
         parts["test"] = encoded["test"]
 
     from datasets import DatasetDict
-    dsd = DatasetDict({s: build_dataset(*v, with_caption=include_caption, vision=vision) for s, v in parts.items()})
+    dsd = DatasetDict({s: build_dataset(*v, with_caption=include_caption, media=media) for s, v in parts.items()})
     all_p = [len(h) + len(r) for _, P_, _ in parts.values() for h, r in P_]
     all_t = [len(t) for _, _, T_ in parts.values() for t in T_]
     tokens = sum(all_p) + sum(all_t)
@@ -364,7 +356,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
         kept = sum(len(v[0]) for v in parts.values())
         wall = time.perf_counter() - t0
         report = {
-            "model_kind": "vision" if vision is not None else "text",
+            "model_kind": media.kind,
             "args": args,
             "tokenizer": str(tokenizer_name),
             "tokenizer_path": str(getattr(tokenizer, "name_or_path", "")),
@@ -383,8 +375,8 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             "duplicate_distractors": stats.duplicate_distractors,
             "truncated": dict(sorted(truncated.items())),
             "splits": {s: len(v[0]) for s, v in parts.items()},
-            "token_lengths": {"prompt": _stats(all_p), "target": _stats(all_t),
-                              "total": _stats([a + b for a, b in zip(all_p, all_t)])},
+            "token_lengths": {"prompt": length_stats(all_p), "target": length_stats(all_t),
+                              "total": length_stats([a + b for a, b in zip(all_p, all_t)])},
             "tokens": tokens, "max_length": int(max_length),
             "disk_bytes": disk, "token_bytes": tokens * 4, "disk_ratio": round(disk / max(1, tokens * 4), 3),
             "disk_ratio_bound": SIZE_BOUND, "disk_ratio_ok": disk <= SIZE_BOUND * tokens * 4,
@@ -393,8 +385,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             "stage_s": stages, "wall_s": round(wall, 3), "rows_per_s": round(stats.rows_read / max(wall, 1e-9), 1),
             "versions": _versions(), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         }
-        if vision is not None:
-            report.update(vision.report(parts))
+        report.update(media.report(parts))
         examples = [e for s, v in parts.items() for e in _examples(tokenizer, s, *v)]
         (tmp / EXAMPLES_NAME).write_text(json.dumps(examples, indent=2, ensure_ascii=False))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -414,3 +405,19 @@ def _versions() -> dict:
     import transformers
     return {"datasets": datasets.__version__, "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__}
+
+
+def vision_args(images, tokenizer_name: str, max_pixels, output_dir, overwrite):
+    """The script's --images / --max_pixels / --tokenizer -> (tokenizer or None, VisionPrep or None).
+
+    Checked before anything is loaded: --max_pixels needs --images; the output folder rule first, so a
+    refused overwrite costs no model download."""
+    if images is None:
+        if max_pixels is not None:
+            raise InputError("--max_pixels needs --images (it sets how many tokens a figure becomes)")
+        if tokenizer_name == TINY_VISION_ALIAS:  # text-only rows for the tiny image model's tokenizer
+            return load_processor(tokenizer_name).tokenizer, None
+        return None, None
+    check_output_dir(output_dir, overwrite)
+    processor = load_processor(tokenizer_name)
+    return processor.tokenizer, VisionPrep(images, processor, max_pixels)

@@ -322,3 +322,53 @@ def visualize_mask(tokenizer, input_ids: Sequence[int], labels: Sequence[int], c
         span.append(tok_id)
     flush()
     return "".join(out)
+
+
+def opens_think(tokenizer) -> bool:
+    """Whether the model's generation prompt opens a think block (DeepSeek-R1: yes; Qwen2.5-VL: no)."""
+    return render_prompt(tokenizer, [{"role": "user", "content": "x"}]).endswith(prompts.THINK_OPEN)
+
+
+class ImagePromptEncoder(FastPromptEncoder):
+    """The batched prompt encoder with the user content as [image, text]: the template is rendered once
+    around a sentinel text item, so each row is string concatenation + one batched tokenizer call."""
+
+    def _messages(self, user_text: str) -> list[dict]:
+        sys_msg = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return sys_msg + [{"role": "user", "content": prompts.image_content(user_text)}]
+
+
+class ImageRowEncoder(RowEncoder):
+    """`RowEncoder` for image conversations (see the module docstring); verified against the
+    processor's own `apply_chat_template` on the first rows of every job."""
+
+    def __init__(self, tokenizer, system_prompt, reasoning, include_caption, processor):
+        super().__init__(tokenizer, system_prompt, reasoning, include_caption)
+        self.processor = processor
+        self.fast = ImagePromptEncoder(tokenizer, system_prompt)
+        # Qwen2.5-VL's generation prompt opens no think block: its target is the answer line alone.
+        self.think = self.fast.gen_tail.endswith(prompts.THINK_OPEN)
+
+    def messages(self, rec, question=None, caption=None):
+        cap = (rec.caption if caption is None else caption) if self.include_caption else None
+        return prompts.create_conversation(
+            rec.question if question is None else question, rec.choices, rec.answer_label,
+            caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning,
+            image=True, think=self.think)
+
+    def user_text(self, msg) -> str:
+        return prompts.content_text(msg["content"])
+
+    def _fast_ok(self, msgs) -> bool:
+        content = msgs[-2]["content"] if len(msgs) >= 2 else None
+        return (super()._fast_ok(msgs) and isinstance(content, list)
+                and [item.get("type") for item in content] == ["image", "text"])
+
+    def verify(self, msgs_list) -> int:
+        n = super().verify(msgs_list)
+        for i, msgs in enumerate(msgs_list):  # the processor's template renders the same prompt text
+            ours = render_prompt(self.tok, msgs)
+            theirs = self.processor.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
+            if ours != theirs:
+                raise AssertionError(f"tokenizer and processor chat templates differ on row {i}")
+        return n

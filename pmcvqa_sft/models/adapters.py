@@ -1,4 +1,5 @@
-"""Loading a model for inference (base, base + LoRA adapter, or merged), `answer_question`, `merge_and_save`.
+"""Adapters: finding and checking a training run's adapter, loading a model for inference (base, base +
+LoRA adapter, or merged; text or image), and `merge_and_save`.
 
 - `--adapter DIR` is a training output folder: `adapter_config.json` is looked for in DIR, then in
   DIR/adapter. Its base model is the adapter config's `base_model_name_or_path` unless `--model`
@@ -21,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import modeling, prompts
-from .answers import answer_text_after_letter, extract_answer
-from .encoding import assistant_turn, render_prompt, template_hash
-from .atomic import atomic_dir, check_output_dir
-from .dataset_io import ADAPTER_DIR, RUN_CARD
-from .errors import InputError
-from .generation import GenerationSettings, generate_batch
+from .. import prompts
+from ..core.atomic import atomic_dir, check_output_dir
+from ..core.errors import InputError
+from ..core.hub import hub_error, hub_kwargs
+from ..core.threads import configure_threads
+from ..data.store import ADAPTER_DIR, RUN_CARD
+from ..format.encoding import template_hash
+from . import loading as modeling
+from .kind import is_vision_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -100,9 +103,9 @@ def check_adapter_fits(adapter_dir: Path, base: str, tokenizer) -> None:
     from transformers import AutoConfig
     path = modeling.resolve_name(base)
     try:  # offline or no route to the hub: the local cache only, not 27 s of retries (hub.py)
-        cfg = AutoConfig.from_pretrained(path, **modeling._hub_kwargs(path))
+        cfg = AutoConfig.from_pretrained(path, **hub_kwargs(path))
     except (OSError, ValueError) as exc:
-        raise modeling._hub_error("model", base, exc) from None
+        raise hub_error("model", base, exc) from None
     cfg = cfg.get_text_config()  # image-text models: the language model's sizes
     vocab = getattr(cfg, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
@@ -128,7 +131,7 @@ class Loaded:
     quantization: str
     system_prompt: str | None = None
     card: dict = field(default_factory=dict)
-    processor: object = None        # image-text models: tokenizer + image processor (vision_infer.py)
+    processor: object = None        # image-text models: tokenizer + image processor
 
     @property
     def has_adapter(self) -> bool:
@@ -179,14 +182,11 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
     base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
     log(f"loading {base} ({'no quantization' if quantization == 'none' else quantization})"
         + (f" + adapter {adir}" if adir else ""))
-    from .vision_model import is_vision_model, load_vision_model
     processor = None
-    if is_vision_model(base):
-        from .vision_train import load_processor
-        processor, tokenizer = load_processor(str(training_files(adir)[0] or base) if adir else base)
-        net = load_vision_model(base, quantization=quantization, device_map=device_map)
-    else:
-        net = modeling.load_model(base, quantization=quantization, device_map=device_map)
+    if is_vision_model(base):  # an image model: its processor (the training run's, as trained)
+        processor = modeling.load_processor(str(training_files(adir)[0] or base) if adir else base)
+        tokenizer = processor.tokenizer
+    net = modeling.load_model(base, quantization=quantization, device_map=device_map)
     if adir is not None:
         from peft import PeftModel
         try:
@@ -196,100 +196,6 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
                              f"{' '.join(str(exc).split())[:200]}") from None
     net.eval()
     return Loaded(net, tokenizer, base, adir, quantization, _card_system_prompt(card), card, processor)
-
-
-# ---------------------------------------------------------------------------------------------------
-# answer_question
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    letter: str | None      # the chosen letter (None: open question or unparseable)
-    answer: str             # the answer text (choice text, or the open answer)
-    reasoning: str          # the think block's content
-    raw: str                # the whole generated assistant turn
-    n_tokens: int = 0
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-_CACHE: dict = {}
-
-
-def _resolve_model(model, tokenizer, adapter, quantization):
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        if tokenizer is None:
-            raise ValueError("pass tokenizer= together with a loaded model")
-        return model, tokenizer, prompts.SYSTEM_PROMPT, {}
-    key = (str(model) if model else None, str(adapter) if adapter else None, quantization)
-    if key not in _CACHE:
-        if key[0] is None and key[1] is None:
-            raise ValueError("answer_question needs model= (a loaded model, a name or a folder) or adapter=")
-        _CACHE[key] = load_for_inference(key[0], key[1], quantization, log=lambda *_: None)
-    loaded = _CACHE[key]
-    return loaded.model, tokenizer or loaded.processor or loaded.tokenizer, loaded.system_prompt, loaded.card
-
-
-def normalize_choices(choices) -> dict[str, str] | None:
-    if choices is None or isinstance(choices, Mapping):
-        return dict(choices) if choices else None
-    try:
-        return prompts.split_choices_arg(list(choices))
-    except ValueError as exc:
-        raise InputError(f"--choices: {exc}") from None
-
-
-def build_messages(question: str, choices: Mapping[str, str] | None, caption: str | None = None,
-                   system_prompt: str | None = prompts.SYSTEM_PROMPT) -> list[dict]:
-    return prompts.create_conversation(question, choices or {}, caption=caption, system_prompt=system_prompt)
-
-
-def parse_reply(raw: str, choices: Mapping[str, str] | None) -> tuple[str | None, str, str]:
-    """(letter, answer text, reasoning) of a generated assistant turn."""
-    ext = extract_answer(raw, choices or {"A": "", "B": "", "C": "", "D": ""})
-    if not choices:
-        return None, ext.answer_text, ext.reasoning
-    if ext.conflict:  # `Answer: D. Ultrasound` with Ultrasound = A: show what was written, not choice D's text
-        text = ext.stated_text
-    else:
-        text = answer_text_after_letter(ext.answer_text, ext.letter, choices) if ext.letter else ext.answer_text
-    return ext.letter, text, ext.reasoning
-
-
-def answer_question(question: str, choices: Mapping[str, str] | Sequence[str] | None = None, model=None,
-                    tokenizer=None, *, adapter: str | None = None, caption: str | None = None,
-                    system_prompt: str | None = None, greedy: bool = False, temperature: float | None = None,
-                    top_p: float | None = None, max_new_tokens: int | None = None,
-                    quantization: str | None = None, image=None, max_pixels: int | None = None) -> Answer:
-    """Ask one question. `model` is a loaded model (with `tokenizer`) or a name/folder; `adapter` a
-    training output folder. `choices`: {"A": "MRI", ...} or ["MRI", "CT", ...]. Sampling follows the
-    model's generation_config unless `greedy` / `temperature` / `top_p` say otherwise.
-    `image` (a path or PIL image): the figure, for an image-text model (`tokenizer` = its processor
-    when `model` is a loaded one); `max_pixels` its pixel cap (default: the training run's)."""
-    net, tok, card_prompt, card = _resolve_model(model, tokenizer, adapter, quantization)
-    choices = normalize_choices(choices)
-    settings = GenerationSettings.from_model(net, temperature, top_p, max_new_tokens, greedy)
-    from . import vision_infer
-    if image is None and vision_infer.is_vision_processor(tok):
-        tok = tok.tokenizer  # a text-only question to an image model
-    if image is not None:
-        if not vision_infer.is_vision_processor(tok):
-            raise InputError("an image question needs an image-text model (e.g. --model tiny-vision or "
-                             "Qwen/Qwen2.5-VL-7B-Instruct) and its processor")
-        return vision_infer.answer_image_question(question, choices, net, tok, image, caption=caption,
-                                                  system_prompt=system_prompt or card_prompt,
-                                                  settings=settings,
-                                                  max_pixels=max_pixels or vision_infer.card_max_pixels(card))
-    messages = build_messages(question, choices, caption, system_prompt or card_prompt)
-    prompt = render_prompt(tok, messages)
-    start = time.perf_counter()
-    gen = generate_batch(net, tok, [prompt], settings)[0]
-    raw = assistant_turn(prompt, gen.text)
-    letter, text, reasoning = parse_reply(raw, choices)
-    return Answer(letter, text, reasoning, raw, len(gen.token_ids), time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,13 +215,10 @@ def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: b
         f"weights would round the LoRA update away)")
     from transformers import AutoModelForImageTextToText
 
-    from .threads import configure_threads
-    from .vision_model import is_vision_model
     configure_threads(modeling.resolve_name(base))
     auto = AutoModelForCausalLM
     if is_vision_model(base):  # an image model: its own auto class; the processor (image settings) goes along
-        from .vision_train import load_processor
-        tokenizer, auto = load_processor(str(training_files(adir)[0] or base))[0], AutoModelForImageTextToText
+        tokenizer, auto = modeling.load_processor(str(training_files(adir)[0] or base)), AutoModelForImageTextToText
     net = auto.from_pretrained(modeling.resolve_name(base), dtype="auto", device_map={"": "cpu"})
     try:
         net = PeftModel.from_pretrained(net, str(adir))

@@ -1,97 +1,49 @@
-"""Loading the base model and tokenizer, quantization, and the LoRA config.
+"""Loading the base model, tokenizer or processor, quantized as asked; which kind of model a name is.
 
-`--model` / `--tokenizer` take a hub id, a local folder, or `tiny` (the embedded offline model, built on
-first use). Hub failures become one-line errors that name the offline alternatives.
+`--model` / `--tokenizer` take a hub id, a local folder, `tiny` or `tiny-vision` (the embedded offline
+models, built on first use). Hub failures become one-line errors that name the offline alternatives.
+Image-text-to-text models (Qwen2.5-VL and kin) are the image variant of every function here:
+- `is_vision_model(name)`: the config names an image-text-to-text architecture (`vision_config` + an
+  `AutoModelForImageTextToText` mapping); the text/image decision of each stage is made with it, once.
+- `load_model` loads either kind; for an image model bitsandbytes leaves the vision tower, the projector
+  and lm_head alone (`models/lora.py` finds their real names: `Layout.skip_modules`).
+- `load_processor`: tokenizer + image processor + chat template of an image model.
 """
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from pathlib import Path
 
-from .errors import InputError
+from ..core.errors import InputError
+from ..core.hub import hub_error, hub_kwargs
+from ..core.notices import progress_bars_wanted, quiet_bitsandbytes, quiet_library_warnings
+from ..core.paths import DEFAULT_MODEL, TINY_VISION_ALIAS
+from ..core.threads import configure_threads
+from ..format.encoding import ensure_chat_template
+from . import tiny
+from .kind import is_vision_model, layout
+from .processor import read_chat_template, make_processor
 
-DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
 QUANTIZATIONS = ("8bit", "4bit", "none")
-OFFLINE_HINT = ("Offline? pass --model tiny / --tokenizer tiny (the embedded tiny model) or a local folder "
-                "with the downloaded model (hf download deepseek-ai/DeepSeek-R1-Distill-Llama-8B --local-dir DIR)")
 
-
-
-class _DropExpectedNotices(logging.Filter):
-    """Two bitsandbytes log lines that are expected and harmless, and would drown the progress bars:
-    - 'MatMul8bitLt: inputs will be cast ... to float16', on every int8 matmul of a non-fp16 input
-      (every step on the CPU, where we compute in fp32);
-    - 'Failed to load CPU gemm_4bit_forward from kernels-community', on import: an optional fast kernel
-      fetched from the hub; the built-in fallback is what runs and what the tests check."""
-
-    def filter(self, record):
-        msg = record.getMessage()
-        return "inputs will be cast" not in msg and "kernels-community" not in msg
-
-
-def quiet_bitsandbytes() -> None:
-    """Install the filter (idempotent); done on import of this module, before bitsandbytes loads."""
-    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _DropExpectedNotices) for f in log.filters):
-            log.addFilter(_DropExpectedNotices())
-
-
-quiet_bitsandbytes()
-
-
-def progress_bars_wanted(asked: bool = True) -> bool:
-    """Bars only when asked and stderr is a terminal: in a log file (CI, nohup, `| tee`) each redraw
-    leaves a fragment. Also switches transformers' own bars ("Loading weights") off in that case."""
-    import sys
-    shown = bool(asked) and sys.stderr.isatty()
-    if not shown:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    return shown
-# PEFT and Trainer still call the pre-rename `is_gradient_checkpointing` and
-# `gradient_checkpointing_enable` internally; the warning is
-# theirs to fix and says nothing to our users.
-warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning)
+quiet_bitsandbytes()  # before bitsandbytes loads
+quiet_library_warnings()
 
 
 def resolve_name(name: str) -> str:
-    from . import tiny
-    if name == "tiny-vision":  # the embedded image model (vision_model.py)
-        from . import tiny_vision
-        return str(tiny_vision.resolve(name))
+    """`tiny` / `tiny-vision` -> the built folder (built on first use); anything else unchanged."""
     return tiny.resolve(name)
-
-
-def _hub_kwargs(path: str) -> dict:
-    """A hub id with no route to the hub (or offline mode) loads from the local cache only: a fast
-    failure with our hint instead of minutes of retries."""
-    from . import hub
-    return {} if Path(path).exists() or not hub.local_only() else {"local_files_only": True}
-
-
-def _hub_error(kind: str, name: str, exc: Exception) -> InputError:
-    from . import hub
-    reason = " ".join(str(exc).split())[:300]
-    if not Path(name).exists() and not hub.offline() and hub.unreachable_reason():
-        reason = f"{hub.unreachable_reason()} and not in the local cache"
-    local = Path(name).exists()
-    hint = "" if local else f" {OFFLINE_HINT}"
-    return InputError(f"cannot load {kind} '{name}': {reason}.{hint}")
 
 
 def load_tokenizer(name: str):
     """AutoTokenizer for a hub id, folder or `tiny`; the plain chat template is added when missing."""
     from transformers import AutoTokenizer
 
-    from .encoding import ensure_chat_template
     path = resolve_name(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, **_hub_kwargs(path))
+        tok = AutoTokenizer.from_pretrained(path, **hub_kwargs(path))
     except (OSError, ValueError) as exc:
-        raise _hub_error("tokenizer", name, exc) from None
+        raise hub_error("tokenizer", name, exc) from None
     if tok.pad_token_id is None:  # DeepSeek sets pad = EOS; do the same for tokenizers without one
         tok.pad_token = tok.eos_token
     check_tokenizer(tok, name)
@@ -199,22 +151,24 @@ def quantization_config(quantization: str, quant_storage=None):
     return None
 
 
-def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: bool = False, auto_class=None,
-               skip_modules: list[str] | None = None):
-    """AutoModelForCausalLM for a hub id, folder or `tiny`, quantized as asked.
+def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: bool = False):
+    """The base model for a hub id, folder, `tiny` or `tiny-vision`, quantized as asked.
 
+    Text LMs load with AutoModelForCausalLM; image-text models with AutoModelForImageTextToText, their
+    vision tower, projector and lm_head left unquantized (`kind.Layout.skip_modules`).
     `sharded=True` (FSDP / ZeRO-3): no device_map (the launcher places the shards) and 4-bit weights
-    stored in the compute dtype; 8-bit weights cannot be sharded. Image models (vision_model.py) pass
-    their auto class and the modules bitsandbytes must leave alone (`skip_modules`).
+    stored in the compute dtype; 8-bit weights cannot be sharded.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     check_quantization(quantization)
     check_bitsandbytes(quantization)
+    vision = is_vision_model(name)
+    auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    skip_modules = layout(name).skip_modules() if vision and quantization != "none" else None
     if sharded and quantization == "8bit":
         raise InputError("8-bit bases cannot be sharded by FSDP / DeepSpeed ZeRO-3: pass --quantization 4bit "
                          "(QLoRA) or none, or use configs/ddp.yaml")
     path = resolve_name(name)
-    from .threads import configure_threads
     configure_threads(path)  # 1 torch thread for the tiny model / small CPU machines (threads.py)
     progress_bars_wanted()
     kwargs = dict(dtype=compute_dtype())
@@ -226,15 +180,35 @@ def load_model(name: str, quantization: str = "8bit", device_map=None, sharded: 
             qc.llm_int8_skip_modules = list(skip_modules)
         kwargs["quantization_config"] = qc
     try:
-        return (auto_class or AutoModelForCausalLM).from_pretrained(path, **kwargs, **_hub_kwargs(path))
+        return auto_class.from_pretrained(path, **kwargs, **hub_kwargs(path))
     except (OSError, ValueError) as exc:
-        raise _hub_error("model", name, exc) from None
+        raise hub_error("model", name, exc) from None
 
 
-def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear"):
-    """LoRA on every linear projection (q, k, v, o, gate, up, down) by default; lm_head is excluded."""
-    from peft import LoraConfig
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                      bias="none", task_type="CAUSAL_LM")
+def load_processor(name_or_path: str):
+    """`tiny-vision` (built on demand), a local folder or a hub id -> tokenizer + PIL image processor.
+
+    The processor's chat template (chat_template.jinja/.json, as the hub repos ship it) is also set on
+    the tokenizer, so text rendered by either is the same; pad = EOS when the tokenizer has no pad
+    token. Hub failures are one-line errors.
+    """
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = resolve_name(name_or_path)
+    kw = hub_kwargs(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as exc:
+        raise hub_error("processor", name_or_path, exc) from None
+    try:
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kw)
+    except (OSError, ValueError):  # a text model: its tokenizer loads, it has no preprocessor config
+        raise InputError(f"'{name_or_path}' has no image processor (no preprocessor_config.json): figures need "
+                         f"an image-text model such as Qwen/Qwen2.5-VL-7B-Instruct, or tiny-vision offline") from None
+    template = read_chat_template(path, **kw) or getattr(tokenizer, "chat_template", None)
+    if template:
+        tokenizer.chat_template = template
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return make_processor(image_processor, tokenizer, template)

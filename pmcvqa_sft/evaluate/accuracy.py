@@ -1,16 +1,13 @@
 """`--evaluate`: accuracy on a preprocessed split, by choice scoring (default) or by generation.
 
-- score: `answers.score_choices`, one forward pass per batch of questions, no generation. The
+Text and image models alike (an image model's rows carry their figure; `blind` adds the same model with
+every figure replaced by a uniform gray one of its size: how much of the accuracy comes from looking).
+- score: `scoring.score_choices`, one forward pass per batch of questions, no generation. The
   prediction is the choice with the highest summed log-probability; the byte-normalised variant
   (lm-eval's `acc_bytes`, not its per-character `acc_norm`) is reported as `accuracy_norm`.
 - generate: greedy, batched, left-padded generation (`generation.generate_ids`), then
-  `answers.extract_answer`; answers it can't parse count as wrong and are reported as unparseable.
-  An answer states a letter and (in the trained format) the choice text after it; the two are read
-  separately: `accuracy_letter` (the letter is the gold one), `accuracy_text` (the choice the text names,
-  or the letter when no choice text is written, is the gold one) and the headline `accuracy`, strict: the
-  letter is the gold one AND the text, when it names a choice, names that same one.
-  `letter_text_conflict` counts answers whose letter and text name different choices (`Answer: D.
-  Ultrasound` with Ultrasound = A); they are never right under `accuracy`.
+  `answers.extract_answer`; answers it can't parse count as wrong and are reported as unparseable
+  (strict, letter and text accuracy: evaluate/metrics.py).
 Prompts: each row is scored / answered after exactly the prompt it was trained with, the prompt part
 of its stored `input_ids` (labels -100): a question preprocessing cut to fit `--max_length` is
 evaluated cut, never re-rendered in full (which the model never saw and which may not fit). Only a
@@ -30,27 +27,23 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
-from . import prompts
-from .answers import ScoreItem, extract_answer, score_choices
-from .encoding import IGNORE_INDEX, PromptEncoder, assistant_turn, render_prompt, template_hash, tokenizer_hash
-from .dataset_io import load_processed, row_choices
-from . import atomic
-from .atomic import atomic_dir
-from .errors import InputError
-from .generation import GenerationSettings, generate_ids
+from ..core import atomic
+from ..core.atomic import atomic_dir
+from ..core.errors import InputError
+from ..core.notices import progress_bars_wanted
+from ..data.collate import build_batch
+from ..data.figures import blank_like, figure_loader
+from ..data.store import check_model_kind, load_processed, row_choices
+from ..format.encoding import IGNORE_INDEX, PromptEncoder, assistant_turn, render_prompt, template_hash, tokenizer_hash
+from ..format.media import card_max_pixels, check_max_pixels
+from ..data.collate import make_collator
+from ..infer.generation import GenerationSettings, generate_ids
+from .metrics import compute_metrics, format_report, generated_prediction, majority_baseline
+from .scoring import _user_text, predict_score
 
 NEED_COLUMNS = ("question", "choices", "answer_label")
+IMAGE_COLUMNS = ("input_ids", "labels", "image", "image_width", "image_height")  # image rows need them too
 DEFAULT_EVAL_MAX_NEW_TOKENS = 96
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = correct / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def load_eval_rows(dataset_dir, split: str = "test", num_samples: int | None = None,
@@ -90,31 +83,13 @@ def load_eval_rows(dataset_dir, split: str = "test", num_samples: int | None = N
     return rows, report
 
 
-def majority_baseline(rows: Sequence[dict]) -> dict:
-    counts = Counter(r["answer_label"] for r in rows)
-    letter, n = max(sorted(counts.items()), key=lambda kv: kv[1])
-    return {"letter": letter, "accuracy": n / len(rows), "gold_counts": dict(sorted(counts.items()))}
-
-
-def _user_text(row: dict, include_caption: bool = False) -> str:
-    caption = row.get("caption") if include_caption else None
-    return prompts.format_user_prompt(row["question"], row["choices"], caption or None)
-
-
-def predict_score(model, tokenizer, rows, batch_size=16, letter_only=False, system_prompt=None,
-                  progress=True, include_caption=False) -> list[dict]:
-    items = [ScoreItem(_user_text(r, include_caption), r["choices"], r.get("prompt_ids")) for r in rows]
-    scores = score_choices(model, tokenizer, items, batch_size=batch_size, letter_only=letter_only,
-                           system_prompt=system_prompt, progress=progress)
-    return [{"pred": s.letter, "pred_norm": s.letter_norm,
-             "logprob": dict(zip(s.letters, [round(x, 4) for x in s.logprob])),
-             "logprob_norm": dict(zip(s.letters, [round(x, 5) for x in s.logprob_norm]))} for s in scores]
-
-
 def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAULT_EVAL_MAX_NEW_TOKENS,
-                     system_prompt=None, progress=True, include_caption=False) -> list[dict]:
+                     system_prompt=None, progress=True, include_caption=False, collator=None) -> list[dict]:
+    """Greedy, batched, left-padded generation from each row's prompt, then the answer read from it.
+
+    `collator` (image models): the rows' figures are processed and each prompt's placeholder expanded
+    (`collate.build_batch`, left padding); text rows use their stored prompt ids (or render them)."""
     from tqdm.auto import tqdm
-    from .modeling import progress_bars_wanted  # no bar fragments in logs
     sys_msg = [{"role": "system", "content": system_prompt}] if system_prompt else []
     enc = [r["prompt_ids"] if r.get("prompt_ids") is not None else tokenizer(
         render_prompt(tokenizer, sys_msg + [{"role": "user", "content": _user_text(r, include_caption)}]),
@@ -125,57 +100,22 @@ def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAU
     for start in tqdm(range(0, len(order), batch_size), desc="generating",
                       disable=not progress_bars_wanted(progress), leave=False):
         idx = order[start:start + batch_size]
-        for i, g in zip(idx, generate_ids(model, tokenizer, [enc[i] for i in idx], settings)):
+        inputs = None if collator is None else build_batch(
+            [(enc[i], None) for i in idx], collator.figures([{"image": rows[i]["image"]} for i in idx]),
+            collator.image_processor, collator.image_token_id, collator.pad_token_id, collator.max_pixels,
+            collator.mm_token_type_ids, left=True)
+        for i, g in zip(idx, generate_ids(model, tokenizer, [enc[i] for i in idx], settings, inputs=inputs)):
             # the prompt's last tokens tell whether it opened the think block (DeepSeek's `<think>\n`)
             raw = assistant_turn(tokenizer.decode(enc[i][-8:], skip_special_tokens=False), g.text)
             out[i] = generated_prediction(raw, rows[i]["choices"], g, len(enc[i]))
     return out  # type: ignore[return-value]
 
 
-def generated_prediction(raw: str, choices, g, prompt_tokens: int) -> dict:
-    """One generated answer as a prediction record: `pred` is the strict letter (letter right and its
-    text, when given, names the same choice), beside the letter alone, the text alone and the conflict."""
-    ext = extract_answer(raw, choices)
-    return {"pred": ext.strict_letter, "pred_letter": ext.letter, "pred_text": ext.text_letter or ext.letter,
-            "conflict": ext.conflict, "output": g.text, "extraction": ext.method,
-            "finished": g.finished, "new_tokens": len(g.token_ids), "prompt_tokens": prompt_tokens}
-
-
-def compute_metrics(rows, preds, seconds: float, method: str) -> dict:
-    n = len(rows)
-    golds = [r["answer_label"] for r in rows]
-    correct = sum(p["pred"] == g for p, g in zip(preds, golds))
-    lo, hi = wilson_interval(correct, n)
-    letters = sorted(set(golds) | {p["pred"] for p in preds if p["pred"]})
-    per_letter, confusion = {}, {}
-    for letter in sorted(set(golds)):
-        idx = [i for i, g in enumerate(golds) if g == letter]
-        ok = sum(preds[i]["pred"] == letter for i in idx)
-        per_letter[letter] = {"n": len(idx), "correct": ok, "accuracy": ok / len(idx)}
-        row = Counter(_shown(preds[i]) for i in idx)
-        confusion[letter] = {k: row.get(k, 0) for k in letters + (["conflict"] if method == "generate" else [])
-                             + ["none"]}
-    unparseable = sum(p["pred"] is None and not p.get("conflict") for p in preds)
-    m = {"method": method, "n": n, "correct": correct, "accuracy": correct / n, "ci95": [lo, hi],
-         "unparseable": unparseable, "unparseable_rate": unparseable / n, "per_letter": per_letter,
-         "confusion": confusion, "pred_counts": dict(Counter(_shown(p) for p in preds)),
-         "seconds": seconds, "questions_per_s": n / seconds if seconds > 0 else None}
-    if method == "generate":  # the letter and the choice text, read separately (module docstring)
-        conflicts = [(p, g) for p, g in zip(preds, golds) if p["conflict"]]
-        m["accuracy_definition"] = "strict: letter right and, when a choice text is written, it names the same choice"
-        m["accuracy_letter"] = sum(p["pred_letter"] == g for p, g in zip(preds, golds)) / n
-        m["accuracy_text"] = sum(p["pred_text"] == g for p, g in zip(preds, golds)) / n
-        m["letter_text_conflict"] = len(conflicts)
-        m["conflict_letter_right"] = sum(p["pred_letter"] == g for p, g in conflicts)
-        m["conflict_text_right"] = sum(p["pred_text"] == g for p, g in conflicts)
-    if method == "score":
-        m["accuracy_norm"] = sum(p["pred_norm"] == g for p, g in zip(preds, golds)) / n
-    return m
-
-
-def _shown(pred: dict) -> str:
-    """A prediction's column in the confusion matrix / predicted-letter counts."""
-    return pred["pred"] or ("conflict" if pred.get("conflict") else "none")
+def load_vision_rows(dataset_dir, split="test", num_samples=None):
+    """`load_eval_rows` of an image dataset: rows with prompt ids, stored target ids and figure ref."""
+    return load_eval_rows(dataset_dir, split, num_samples, extra_columns=IMAGE_COLUMNS,
+                          missing_hint=": not an image dataset (preprocess with --images and an image "
+                                       "model's --tokenizer)")
 
 
 def check_eval_args(method: str, batch_size: int) -> None:
@@ -187,16 +127,17 @@ def check_eval_args(method: str, batch_size: int) -> None:
 
 def evaluate_model(model, tokenizer, rows, method="score", batch_size=16, letter_only=False,
                    max_new_tokens=DEFAULT_EVAL_MAX_NEW_TOKENS, system_prompt=None, progress=True,
-                   include_caption=False):
-    """(predictions, metrics) of one model on `rows` (prompts built as the preprocessor built them)."""
+                   include_caption=False, collator=None):
+    """(predictions, metrics) of one model on `rows` (prompts built as the preprocessor built them);
+    `collator`: an image model's, which gives each row its figure (or a blank one: the blind run)."""
     check_eval_args(method, batch_size)
     start = time.perf_counter()
     if method == "score":
         preds = predict_score(model, tokenizer, rows, batch_size, letter_only, system_prompt, progress,
-                              include_caption)
+                              include_caption, collator=collator)
     else:
         preds = predict_generate(model, tokenizer, rows, batch_size, max_new_tokens, system_prompt, progress,
-                                 include_caption)
+                                 include_caption, collator=collator)
     seconds = time.perf_counter() - start
     return preds, compute_metrics(rows, preds, seconds, method)
 
@@ -215,48 +156,6 @@ def write_outputs(output_dir, records: Sequence[dict], metrics: dict, overwrite:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     return out
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def format_report(results: dict[str, dict], baseline: dict) -> str:
-    """A side-by-side table of one or more models' metrics (columns = models)."""
-    names = list(results)
-    table: list[tuple[str, list[str]]] = []
-
-    def row(label, fn):
-        table.append((label, [fn(results[n]) for n in names]))
-
-    row("questions", lambda m: str(m["n"]))
-    strict = any("accuracy_letter" in m for m in results.values())
-    row("accuracy (strict)" if strict else "accuracy", lambda m: _pct(m["accuracy"]))
-    row("  95% CI (Wilson)", lambda m: f"{100 * m['ci95'][0]:.1f}-{100 * m['ci95'][1]:.1f}")
-    if any("accuracy_norm" in m for m in results.values()):
-        row("accuracy (length-norm.)", lambda m: _pct(m.get("accuracy_norm")))
-    row("unparseable", lambda m: _pct(m["unparseable_rate"]))
-    if strict:
-        row("accuracy by letter only", lambda m: _pct(m.get("accuracy_letter")))
-        row("accuracy by text only", lambda m: _pct(m.get("accuracy_text")))
-        row("letter/text conflicts", lambda m: f"{m['letter_text_conflict']} (letter right "
-            f"{m['conflict_letter_right']}, text right {m['conflict_text_right']})" if "letter_text_conflict"
-            in m else "-")
-    for letter in sorted(baseline["gold_counts"]):
-        row(f"accuracy on gold {letter}", lambda m, L=letter: _pct(m["per_letter"].get(L, {}).get("accuracy")))
-    row("predicted letters", lambda m: " ".join(f"{k}{v}" for k, v in sorted(m["pred_counts"].items())))
-    row("questions/s", lambda m: f"{m['questions_per_s']:.1f}" if m["questions_per_s"] else "-")
-    w = max(len(c) for _, cells in table for c in cells + names) + 3
-    lines = [f"{'metric':<26}" + "".join(f"{n:>{w}}" for n in names)]
-    lines += [f"{label:<26}" + "".join(f"{c:>{w}}" for c in cells) for label, cells in table]
-    lines.append(f"majority-letter baseline: always '{baseline['letter']}' = {_pct(baseline['accuracy'])} "
-                 f"(gold letters {baseline['gold_counts']})")
-    for n in names:
-        conf = results[n]["confusion"]
-        cols = list(next(iter(conf.values())))
-        lines.append(f"confusion ({n}; rows gold, columns predicted): " + "  ".join(
-            f"{g}:[" + " ".join(f"{c}={conf[g][c]}" for c in cols) + "]" for g in conf))
-    return "\n".join(lines)
 
 
 def dataset_prompt_settings(report: dict, fallback_system_prompt=None) -> tuple[str | None, bool]:
@@ -298,32 +197,55 @@ def use_trained_prompts(rows, report: dict, tokenizer, system_prompt, include_ca
 
 def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_size=16, method="score",
                    letter_only=False, max_new_tokens=None, output_dir=None, compare_base=False,
-                   overwrite=False, data=None, log=print) -> dict:
-    """The whole --evaluate job on a loaded model; returns metrics.json's content.
+                   overwrite=False, data=None, blind=True, images=None, max_pixels=None, log=print) -> dict:
+    """The whole --evaluate job on a loaded model, text or image; returns metrics.json's content.
 
-    `data`: (rows, report) from `load_eval_rows`, when the caller checked the dataset already.
+    `data`: (rows, report) from `load_eval_rows`, when the caller checked the dataset already. Image
+    models (`loaded.processor`) read each row's figure (`images`: where they moved to) under
+    `max_pixels` (default: the run's), and `blind` adds the same model with every figure blanked.
     """
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)  # fail before the slow part
     if compare_base and not loaded.has_adapter:
         raise InputError("--compare_base needs --adapter (it compares the base model with the adapter)")
-    rows, report = data or load_eval_rows(dataset_dir, split, num_samples)
-    if method == "score" and report.get("reasoning") == "brief":
-        # the model was trained to write a rationale before the answer; scoring the answer after an
-        # empty think block would measure a format it never saw
-        raise InputError(f"dataset '{dataset_dir}' was preprocessed with --reasoning brief: evaluate it with "
-                         f"--method generate (--method score assumes an empty think block)")
-    system_prompt, include_caption = dataset_prompt_settings(report, loaded.system_prompt)
-    prompts_used = use_trained_prompts(rows, report, loaded.tokenizer, system_prompt, include_caption, log)
-    kw = dict(method=method, batch_size=batch_size, letter_only=letter_only, system_prompt=system_prompt,
-              max_new_tokens=max_new_tokens or DEFAULT_EVAL_MAX_NEW_TOKENS, include_caption=include_caption)
-    runs = [("base", loaded.model.disable_adapter), ("tuned", nullcontext)] if compare_base else \
-        [("tuned" if loaded.has_adapter else "model", nullcontext)]
+    vision = loaded.processor is not None
+    rows, report = data or (load_vision_rows(dataset_dir, split, num_samples) if vision
+                            else load_eval_rows(dataset_dir, split, num_samples))
+    extra: dict = {}
+    name = "tuned" if loaded.has_adapter else "model"
+    if vision:
+        check_model_kind(report, True, dataset_dir, loaded.base)
+        check_max_pixels(max_pixels)
+        max_pixels = max_pixels or card_max_pixels(loaded.card)
+        load = figure_loader(report, images, dataset_dir)
+        real = make_collator(loaded.processor, loaded.model, load, max_pixels)
+        runs = ([("base", loaded.model.disable_adapter, real)] if compare_base else []) + [(name, nullcontext, real)]
+        if blind:
+            runs.append(("blind", nullcontext, make_collator(loaded.processor, loaded.model, load, max_pixels,
+                                                             blank=blank_like)))
+        kw = dict(system_prompt=None, include_caption=False)
+        extra = {"model_kind": "vision", "max_pixels": max_pixels,
+                 "blind_means": "the same model with every figure replaced by a uniform gray one of its size"}
+        prompts_used = "trained (stored input_ids)"
+    else:
+        if method == "score" and report.get("reasoning") == "brief":
+            # the model was trained to write a rationale before the answer; scoring the answer after an
+            # empty think block would measure a format it never saw
+            raise InputError(f"dataset '{dataset_dir}' was preprocessed with --reasoning brief: evaluate it with "
+                             f"--method generate (--method score assumes an empty think block)")
+        system_prompt, include_caption = dataset_prompt_settings(report, loaded.system_prompt)
+        prompts_used = use_trained_prompts(rows, report, loaded.tokenizer, system_prompt, include_caption, log)
+        kw = dict(system_prompt=system_prompt, include_caption=include_caption)
+        runs = ([("base", loaded.model.disable_adapter, None), ("tuned", nullcontext, None)] if compare_base
+                else [(name, nullcontext, None)])
+    kw.update(method=method, batch_size=batch_size, letter_only=letter_only,
+              max_new_tokens=max_new_tokens or DEFAULT_EVAL_MAX_NEW_TOKENS)
     results, preds = {}, {}
-    for name, ctx in runs:
-        log(f"evaluating {name}: {len(rows)} questions of split '{split}', method {method}")
+    for key, ctx, collator in runs:
+        log(f"evaluating {key}: {len(rows)} questions of split '{split}', method {method}"
+            + (" (every figure replaced by a blank one)" if key == "blind" else ""))
         with ctx():
-            preds[name], results[name] = evaluate_model(loaded.model, loaded.tokenizer, rows, **kw)
+            preds[key], results[key] = evaluate_model(loaded.model, loaded.tokenizer, rows, collator=collator, **kw)
     baseline = majority_baseline(rows)
     print(format_report(results, baseline))
     truncated = sum(bool(r.get("truncated")) for r in rows) if rows and "truncated" in rows[0] else None
@@ -334,14 +256,15 @@ def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_si
                "prompts": prompts_used, "truncated_rows": truncated,
                "method": method, "letter_only": letter_only, "base_model": loaded.base,
                "adapter": str(loaded.adapter_dir) if loaded.adapter_dir else None,
-               "quantization": loaded.quantization}
+               "quantization": loaded.quantization, **extra}
     if output_dir is not None:
         records = []
         for i, r in enumerate(rows):
-            rec = {k: r.get(k) for k in ("index", "source_file", "source_row", "question", "choices", "truncated")}
+            rec = {k: r.get(k) for k in ("index", "source_file", "source_row", "question", "choices",
+                                         "image" if vision else "truncated")}
             rec["gold"] = r["answer_label"]
-            for name in results:
-                rec[name] = {**preds[name][i], "correct": preds[name][i]["pred"] == r["answer_label"]}
+            for key in results:
+                rec[key] = {**preds[key][i], "correct": preds[key][i]["pred"] == r["answer_label"]}
             records.append(rec)
         write_outputs(output_dir, records, metrics, overwrite)
         log(f"wrote {output_dir}/predictions.jsonl and metrics.json")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import InputError
+from ..core.errors import InputError
 
 REPORT_NAME = "preprocess_report.json"
 # The training output folder (train_sft_example.py --output_dir), read by the inference side.
@@ -62,3 +62,22 @@ def load_processed(dataset_dir, need_columns=TOKEN_COLUMNS):
             raise InputError(f"dataset '{dataset_dir}' split '{split}' lacks columns {missing} "
                              f"(found {ds.column_names})")
     return dsd, report
+
+
+def dataset_kind(report: dict) -> str:
+    """`text` or `vision`: which kind of model a dataset was preprocessed for (older reports: text)."""
+    return report.get("model_kind") or "text"
+
+
+def check_model_kind(report: dict, vision: bool, dataset_dir, model_name) -> None:
+    """A dataset preprocessed for a text model cannot train an image model and vice versa (the prompts
+    differ: no image placeholder, another chat template); one-line error."""
+    kind = dataset_kind(report)
+    if vision and kind != "vision":
+        raise InputError(f"dataset '{dataset_dir}' was preprocessed for a text model (model_kind {kind}) but "
+                         f"'{model_name}' is an image-text-to-text model; rerun preprocess_pmc_vqa_for_sft.py "
+                         f"--tokenizer {model_name} --images PATH")
+    if not vision and kind == "vision":
+        raise InputError(f"dataset '{dataset_dir}' was preprocessed for an image model but '{model_name}' is a "
+                         f"text model; pass --model with the image model it was built for, or rerun the "
+                         f"preprocessor with --tokenizer {model_name}")

@@ -13,7 +13,7 @@ Output folder (`output_dir`):
     train_args.json     written at start: marks the folder as a training run
 Exact resume: `resume_from_checkpoint="auto"` continues from the newest complete checkpoint (a partial one,
 left by a kill during a save, is skipped: checkpoints.py) with the same data
-order (see collate.EpochLengthGroupedSampler) and RNG state.
+order (see data/collate.py's EpochLengthGroupedSampler) and RNG state.
 Test hooks (environment): PMCVQA_KILL_AFTER_SAVE=<step> SIGKILLs the process right after that
 checkpoint is saved; PMCVQA_DEBUG_SEEN_ROWS=<dir> writes the source rows each rank trained on.
 """
@@ -28,12 +28,23 @@ import signal
 import time
 from pathlib import Path
 
-from .collate import (LENGTH_COLUMN, ROW_ID_KEY, EpochLengthGroupedSampler, SFTCollator, add_length_column,
-                      lengths_of)
-from .atomic import disk_full_is_input_error, make_temp_dir, replace_dir, write_json
-from .dataset_io import ADAPTER_DIR, RUN_CARD
-from .errors import InputError
-from .train_options import TrainOptions  # noqa: F401  (the options' schema; re-exported)
+from ..core.atomic import disk_full_is_input_error, make_temp_dir, replace_dir, write_json
+from ..core.errors import InputError
+from ..core.notices import progress_bars_wanted
+from ..core.threads import configure_threads
+from ..data.collate import (LENGTH_COLUMN, ROW_ID_KEY, VISION_COLUMNS, EpochLengthGroupedSampler, add_length_column,
+                            add_vision_length_column, lengths_of, make_collator, target_logits_only)
+from ..data.figures import figure_loader
+from ..data.store import ADAPTER_DIR, RUN_CARD, check_model_kind, load_processed
+from ..format.encoding import template_hash, tokenizer_hash
+from ..format.media import check_max_pixels
+from ..models.kind import is_vision_model
+from ..models.loading import (check_bitsandbytes, check_quantization, compute_dtype, device_map_for_process,
+                              load_model, load_processor, load_tokenizer, resolve_name, sharded_training)
+from ..models.lora import lora_config
+from .checkpoints import check_explicit, drop_partial, newest_complete, newest_size, set_aside
+from .options import TrainOptions  # noqa: F401  (the options' schema; re-exported)
+from .plots import plot_loss_curve
 
 LOSS_PNG = "loss_curve.png"
 MARKER = "train_args.json"
@@ -44,7 +55,6 @@ SEEN_ENV = "PMCVQA_DEBUG_SEEN_ROWS"
 # ---- checks of the user's input ----
 
 def validate_options(o: TrainOptions) -> None:
-    from .modeling import check_quantization
     check_quantization(o.quantization)
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "eval_steps",
                  "logging_steps", "save_total_limit"):
@@ -76,7 +86,6 @@ def resolve_resume(o: TrainOptions, log=print) -> str | None:
     `auto` takes the newest *complete* checkpoint (checkpoints.py) and names each newer partial one it
     skips (a kill or a full disk during a save); an explicitly named partial checkpoint is an error.
     """
-    from .checkpoints import check_explicit, newest_complete
     out = Path(o.output_dir)
     if o.resume_from_checkpoint not in (None, "", "auto"):
         return check_explicit(o.resume_from_checkpoint)
@@ -124,7 +133,6 @@ def check_dataset_matches(report: dict, tokenizer, dataset_dir, model_name) -> N
     Compares what the report holds: reports written before `tokenizer_hash` existed are checked on the
     other fields only.
     """
-    from .encoding import template_hash, tokenizer_hash
     want = {"tokenizer_hash": tokenizer_hash, "vocab_size": len, "template_hash": template_hash,
             "eos_token_id": lambda t: t.eos_token_id}
     bad = []
@@ -139,16 +147,29 @@ def check_dataset_matches(report: dict, tokenizer, dataset_dir, model_name) -> N
 
 # ---- data ----
 
-def prepare_datasets(dsd, o: TrainOptions):
-    """(train, eval or None) with a precomputed length column; provenance columns kept for the debug hook."""
+def prepare_datasets(dsd, o: TrainOptions, image_processor=None, report=None, log=print):
+    """(train, eval or None) with a precomputed length column; provenance columns kept for the debug hook.
+
+    Image datasets (`image_processor` given) keep their figure columns, and the length column counts the
+    image tokens each row will have under `--max_pixels`."""
+    if image_processor is not None:
+        check_max_pixels(o.max_pixels, report, log)
     if "train" not in dsd or len(dsd["train"]) == 0:
         raise InputError(f"dataset '{o.dataset_dir}' has no train rows (splits: {dict(dsd.num_rows)})")
-    keep = {"input_ids", "labels", LENGTH_COLUMN, "source_row"}
+    keep = {"input_ids", "labels", LENGTH_COLUMN, "source_row", *(VISION_COLUMNS if image_processor else ())}
 
     def trim(ds, n):
-        ds = add_length_column(ds)
+        if image_processor is None:
+            ds = add_length_column(ds)
+        else:
+            missing = [c for c in VISION_COLUMNS if c not in ds.column_names]
+            if missing:
+                raise InputError(f"dataset '{o.dataset_dir}' lacks the figure columns {missing}; rerun "
+                                 f"preprocess_pmc_vqa_for_sft.py with --images")
         if n is not None:
             ds = ds.select(range(min(n, len(ds))))
+        if image_processor is not None:
+            ds = add_vision_length_column(ds, image_processor, o.max_pixels)
         return ds.remove_columns([c for c in ds.column_names if c not in keep])
 
     train = trim(dsd["train"], o.max_samples)
@@ -160,10 +181,10 @@ def prepare_datasets(dsd, o: TrainOptions):
 # ---- model ----
 
 def build_model(o: TrainOptions, tokenizer, log=print):
-    """The base model (quantized as asked, on this process's device) wrapped with LoRA."""
+    """The base model (quantized as asked, on this process's device) wrapped with LoRA; text or image
+    (image models: the vision tower frozen unless `--train_vision` says otherwise, models/lora.py)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .modeling import device_map_for_process, load_model, lora_config, sharded_training
     sharded = sharded_training()
     model = load_model(o.model, o.quantization, device_map=device_map_for_process(), sharded=sharded)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
@@ -180,11 +201,13 @@ def build_model(o: TrainOptions, tokenizer, log=print):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     try:
-        model = get_peft_model(model, lora_config(o.lora_r, o.lora_alpha, o.lora_dropout, o.target_modules))
+        model = get_peft_model(model, lora_config(o.model, o.lora_r, o.lora_alpha, o.lora_dropout, o.target_modules,
+                                                  o.train_vision))
     except ValueError as exc:
         raise InputError(f"--target_modules '{o.target_modules}': {' '.join(str(exc).split())[:200]}") from None
     trainable, total = model.get_nb_trainable_parameters()
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    vision = f"; vision: {o.train_vision}" if is_vision_model(o.model) else ""
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%){vision}")
     return model, {"trainable": trainable, "total": total, "percent": 100 * trainable / total}
 
 
@@ -220,24 +243,6 @@ def _trainer_class():
     return SFTLoRATrainer
 
 
-def target_logits_only(inputs: dict) -> dict:
-    """Ask the model for logits only where some row of the batch has a target, not on the prompts.
-
-    The loss ignores prompt positions (-100) anyway; skipping them saves most of the lm_head matmul and
-    the (vocab x length) logits memory, large for a 128k vocabulary. `shift_labels` are the labels the
-    kept logits predict, so the loss (and its normalisation by `num_items_in_batch`) is unchanged.
-    """
-    import torch
-    labels = inputs.get("labels")
-    if labels is None or "logits_to_keep" in inputs:
-        return inputs
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    keep = (shifted != -100).any(dim=0).nonzero().flatten()
-    if keep.numel() == 0 or keep.numel() == labels.shape[1]:
-        return inputs
-    return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
-
-
 def _callbacks():
     from transformers import TrainerCallback
 
@@ -258,7 +263,6 @@ def training_arguments(o: TrainOptions, has_eval: bool):
     import torch
     from transformers import TrainingArguments
 
-    from .modeling import compute_dtype, progress_bars_wanted
     save_steps = o.save_steps or o.eval_steps
     if o.report_to == "tensorboard":
         # transformers 5 takes the TensorBoard folder from the environment only
@@ -345,18 +349,14 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     """Checks, output folder, data, model and the Trainer, ready for `trainer.train()`."""
     from accelerate import PartialState
 
-    from .dataset_io import load_processed
-    from .modeling import check_bitsandbytes, load_tokenizer
-    from .threads import configure_threads
     validate_options(o)
     configure_threads(o.model, o.threads)  # 1 thread for the tiny model / small CPU machines (threads.py)
     dsd, report = load_processed(o.dataset_dir)
     check_bitsandbytes(o.quantization)
-    from . import vision_train
-    from .vision_model import is_vision_model
-    vision = is_vision_model(o.model)
-    vision_train.check_model_kind(report, vision, o.dataset_dir, o.model)
-    processor, tokenizer = vision_train.load_processor(o.model) if vision else (None, load_tokenizer(o.model))
+    vision = is_vision_model(o.model)  # the one text-or-image decision of this stage
+    check_model_kind(report, vision, o.dataset_dir, o.model)
+    processor = load_processor(o.model) if vision else None
+    tokenizer = processor.tokenizer if vision else load_tokenizer(o.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation (elsewhere) on the left
     check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
     # sets up the process group under `accelerate launch` / torchrun; without an accelerator accelerate
@@ -368,7 +368,6 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     out = Path(o.output_dir)
     if state.is_main_process:
         if o.resume_from_checkpoint == "auto":
-            from .checkpoints import newest_complete, set_aside
             for partial, _ in newest_complete(out)[1]:
                 set_aside(partial)
         if o.overwrite and resume is None and out.is_dir() and o.resume_from_checkpoint is None:
@@ -377,21 +376,17 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
         write_json(out / MARKER, dataclasses.asdict(o), default=str)
     state.wait_for_everyone()
 
-    train_ds, eval_ds = (vision_train.prepare_datasets(dsd, o, processor.image_processor, report, log) if vision
-                         else prepare_datasets(dsd, o))
+    train_ds, eval_ds = prepare_datasets(dsd, o, processor.image_processor if vision else None, report, log)
     log(f"train rows: {len(train_ds)}; validation rows: {len(eval_ds) if eval_ds is not None else 0}"
         + ("" if eval_ds is not None else " (no validation split: no eval, last checkpoint kept)"))
     args = training_arguments(o, has_eval=eval_ds is not None)
     from transformers import set_seed
     set_seed(o.seed)  # the LoRA A matrices are random: same seed, same init, whatever ran before
-    if vision:
-        from .vision_model import build_vision_model as build_model_
-    model, params = (build_model_ if vision else build_model)(o, tokenizer, log=log)
+    model, params = build_model(o, tokenizer, log=log)
 
     seen_dir = os.environ.get(SEEN_ENV)
-    collator = (vision_train.make_collator(processor, model, report, o.max_pixels, o.images, o.dataset_dir,
-                                           with_row_ids=bool(seen_dir)) if vision
-                else SFTCollator(tokenizer.pad_token_id, with_row_ids=bool(seen_dir)))
+    collator = make_collator(processor or tokenizer, model, figure_loader(report, o.images, o.dataset_dir)
+                             if vision else None, o.max_pixels, with_row_ids=bool(seen_dir))
     callbacks = [_callbacks()(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, processing_class=processor or tokenizer, callbacks=callbacks)
@@ -401,14 +396,11 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
 
 def run_training(o: TrainOptions, log=print) -> dict:
     """Train; returns the run card (also written to `<output_dir>/run_card.json` by the main process)."""
-    from .encoding import template_hash
-    from .modeling import resolve_name
     run = setup_run(o, log=log)
     trainer, state, out = run.trainer, run.state, Path(o.output_dir)
     if run.resume:
         log(f"resuming from {run.resume}")
     t0 = time.perf_counter()
-    from .checkpoints import drop_partial, newest_size
     with disk_full_is_input_error(out, needed=lambda: newest_size(out),
                                   cleanup=lambda: drop_partial(out) if state.is_main_process else None,
                                   hint="; free some space and rerun with --resume_from_checkpoint auto"):
@@ -440,7 +432,6 @@ def run_training(o: TrainOptions, log=print) -> dict:
         "real_tokens_per_s": trainer.real_tokens * state.num_processes / wall if wall else None,
     }
     if state.is_main_process:
-        from .plots import plot_loss_curve
         with disk_full_is_input_error(out, hint="; the checkpoints are kept: free some space and rerun with "
                                                 "--resume_from_checkpoint auto"):
             save_adapter(trainer.model, run.processor or run.tokenizer, out, resolve_name(o.model))

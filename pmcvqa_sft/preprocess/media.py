@@ -1,6 +1,7 @@
-"""Preprocessing for image-text models (`--images`): figure checks, image prompts, image columns, report.
+"""The media variant of a preprocessing job: `TextMedia` (text models: every hook does nothing) or
+`VisionPrep` (`--images`: figure checks, image prompts, image columns, report).
 
-`preprocess.run_preprocess(..., vision=VisionPrep(images, processor, max_pixels))` calls in here:
+`run.run_preprocess(..., vision=VisionPrep(images, processor, max_pixels))` calls in here:
 - `check`: every row's `Figure_path` is resolved in the `--images` source and each distinct figure is
   opened and decoded once (a progress bar; threads, since PIL decodes without the GIL). Rows whose figure
   is missing / empty / unreadable / truncated / oversized / unsafe, or whose aspect ratio the processor
@@ -22,57 +23,46 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from . import figures, prompts
-from .encoding import FastPromptEncoder, RowEncoder, render_prompt
-from .errors import InputError
-from .vision_processor import image_settings, image_token_id, num_image_tokens
+from ..core.errors import InputError
+from ..core.notices import progress_bars_wanted
+from ..core.paths import TINY_VISION_ALIAS
+from ..data import figures
+from ..data.sources import HUB_DATASET_ID
+from ..format.encoding import ImageRowEncoder, RowEncoder
+from ..format.media import DEFAULT_MAX_PIXELS, image_settings, image_token_id, num_image_tokens
+from ..models.loading import load_processor
 
 IMAGE_SOURCE_HUB = "hub"
 
 
-class ImagePromptEncoder(FastPromptEncoder):
-    """The batched prompt encoder with the user content as [image, text]: the template is rendered once
-    around a sentinel text item, so each row is string concatenation + one batched tokenizer call."""
+def length_stats(values) -> dict:
+    """min / mean / p50 / p95 / max of a list of lengths ({} when empty)."""
+    import numpy as np
+    if len(values) == 0:
+        return {}
+    a = np.asarray(values)
+    return {"min": int(a.min()), "mean": round(float(a.mean()), 2), "p50": float(np.percentile(a, 50)),
+            "p95": float(np.percentile(a, 95)), "max": int(a.max())}
 
-    def _messages(self, user_text: str) -> list[dict]:
-        sys_msg = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return sys_msg + [{"role": "user", "content": prompts.image_content(user_text)}]
 
+class TextMedia:
+    """The text variant: no figures, so every hook of the job does nothing."""
 
-class ImageRowEncoder(RowEncoder):
-    """`RowEncoder` for image conversations (see the module docstring); verified against the
-    processor's own `apply_chat_template` on the first rows of every job."""
+    kind = "text"
 
-    def __init__(self, tokenizer, system_prompt, reasoning, include_caption, processor):
-        super().__init__(tokenizer, system_prompt, reasoning, include_caption)
-        self.processor = processor
-        self.fast = ImagePromptEncoder(tokenizer, system_prompt)
-        # Qwen2.5-VL's generation prompt opens no think block: its target is the answer line alone.
-        self.think = self.fast.gen_tail.endswith(prompts.THINK_OPEN)
+    def check(self, source: dict, data, skipped: Counter, progress: bool = True) -> dict:
+        return source
 
-    def messages(self, rec, question=None, caption=None):
-        cap = (rec.caption if caption is None else caption) if self.include_caption else None
-        return prompts.create_conversation(
-            rec.question if question is None else question, rec.choices, rec.answer_label,
-            caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning,
-            image=True, think=self.think)
+    def row_encoder(self, tokenizer, system_prompt, reasoning, include_caption) -> RowEncoder:
+        return RowEncoder(tokenizer, system_prompt, reasoning, include_caption)
 
-    def user_text(self, msg) -> str:
-        return prompts.content_text(msg["content"])
+    extra_tokens = None  # no tokens beyond the stored ids
 
-    def _fast_ok(self, msgs) -> bool:
-        content = msgs[-2]["content"] if len(msgs) >= 2 else None
-        return (super()._fast_ok(msgs) and isinstance(content, list)
-                and [item.get("type") for item in content] == ["image", "text"])
+    def add_columns(self, feats, columns, records) -> None:
+        pass
 
-    def verify(self, msgs_list) -> int:
-        n = super().verify(msgs_list)
-        for i, msgs in enumerate(msgs_list):  # the processor's template renders the same prompt text
-            ours = render_prompt(self.tok, msgs)
-            theirs = self.processor.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
-            if ours != theirs:
-                raise AssertionError(f"tokenizer and processor chat templates differ on row {i}")
-        return n
+    def report(self, parts: dict) -> dict:
+        return {}
 
 
 class VisionPrep:
@@ -85,7 +75,6 @@ class VisionPrep:
         if max_pixels is not None and int(max_pixels) < 1:
             raise InputError(f"--max_pixels {max_pixels}: must be a positive pixel count (e.g. 200704 = 448x448)")
         self.images, self.processor, self.cache_dir, self.log = str(images), processor, cache_dir, log
-        from .vision_processor import DEFAULT_MAX_PIXELS
         self.max_pixels_arg = None if max_pixels is None else int(max_pixels)
         # the training default unless told otherwise: a row that fits here fits at training
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
@@ -103,7 +92,6 @@ class VisionPrep:
     def open(self, data: str, version: str) -> figures.FigureSource:
         path = self.images
         if path == IMAGE_SOURCE_HUB:
-            from .sources import HUB_DATASET_ID
             local = os.path.exists(os.path.expanduser(str(data)))
             repo = HUB_DATASET_ID if local else str(data).strip()
             path = str(figures.hub_archive(repo, version, self.cache_dir, log=self.log))
@@ -115,7 +103,6 @@ class VisionPrep:
         """Drop rows whose figure is unusable (counted in `skipped` as figure_<reason>); returns the
         remaining {split: records} and remembers each kept row's ref, size and image-token count."""
         from tqdm.auto import tqdm
-        from .modeling import progress_bars_wanted  # no bar fragments in logs
 
         t0 = time.perf_counter()
         recs_all = [r for recs in source.values() for r in recs]
@@ -202,8 +189,6 @@ class VisionPrep:
 
     def report(self, parts: dict) -> dict:
         """The report's image section; `parts`: {split: (records, prompts, targets)} as saved."""
-        from .preprocess import _stats
-
         tokens = [self.info[(r.source_file, r.source_row)][3] for recs, _, _ in parts.values() for r in recs]
         used = {self.info[(r.source_file, r.source_row)][0] for recs, _, _ in parts.values() for r in recs}
         return {"images": {
@@ -215,29 +200,9 @@ class VisionPrep:
             "bad_figures": dict(sorted((k, v) for k, v in self.bad_figures.items() if v)),
             "check_s": round(self.check_s, 3),
             "figures_per_s": round(self.checked / self.check_s, 1) if self.check_s > 0 else None,
-            "image_tokens": _stats(tokens),
+            "image_tokens": length_stats(tokens),
         }, "image_processor": {
             **self.settings, "max_pixels_arg": self.max_pixels_arg,
             "image_token": self.processor.image_token, "image_token_id": self.token_id,
             "class": type(self.processor.image_processor).__name__,
         }}
-
-
-def vision_args(images, tokenizer_name: str, max_pixels, output_dir, overwrite):
-    """The script's --images / --max_pixels / --tokenizer -> (tokenizer or None, VisionPrep or None).
-
-    Checked before anything is loaded: --max_pixels needs --images; the output folder rule first, so a
-    refused overwrite costs no model download."""
-    from .preprocess import check_output_dir
-    from .tiny_vision import TINY_VISION_ALIAS
-    if images is None:
-        if max_pixels is not None:
-            raise InputError("--max_pixels needs --images (it sets how many tokens a figure becomes)")
-        if tokenizer_name == TINY_VISION_ALIAS:  # text-only rows for the tiny image model's tokenizer
-            from .vision_processor import load_processor
-            return load_processor(tokenizer_name).tokenizer, None
-        return None, None
-    check_output_dir(output_dir, overwrite)
-    from .vision_processor import load_processor
-    processor = load_processor(tokenizer_name)
-    return processor.tokenizer, VisionPrep(images, processor, max_pixels)

@@ -12,11 +12,17 @@ from __future__ import annotations
 import sys
 import time
 
-from . import prompts
-from .encoding import assistant_turn, render_prompt
-from .errors import InputError
-from .generation import GenerationSettings, generate_batch, stream_generate
-from .inference import build_messages, parse_reply
+from pathlib import Path
+
+from .. import prompts
+from ..core.errors import InputError
+from ..core.paths import SAMPLE_VISION_DIR
+from ..data.figures import open_image
+from ..data.pmc_vqa import read_pmc_vqa_csv
+from ..format.encoding import render_prompt
+from ..format.media import is_vision_processor
+from .answer import ask, conversation_inputs
+from .generation import GenerationSettings, stream_generate
 
 HELP = """commands:
   /help          this help
@@ -85,9 +91,8 @@ def _setup_readline():
 def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=None, show_think=True,
                 out=sys.stdout, max_pixels=None) -> int:
     """The chat loop; returns the exit code (0). `tokenizer`: an image model's processor enables /image."""
-    from . import vision_infer
     _setup_readline()
-    processor = tokenizer if vision_infer.is_vision_processor(tokenizer) else None
+    processor = tokenizer if is_vision_processor(tokenizer) else None
     tokenizer = processor.tokenizer if processor is not None else tokenizer
     messages: list[dict] = []
     images: list = []  # the conversation's figures, in order (image models)
@@ -115,7 +120,7 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
                 print(HELP, file=out)
             elif cmd == "/image":
                 try:
-                    pending = vision_infer.console_image(processor, arg)
+                    pending = console_image(processor, arg)
                     print(f"(figure {arg} attached to your next question)", file=out)
                 except InputError as exc:
                     print(f"({exc})", file=out)
@@ -146,7 +151,7 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
         messages.append({"role": "user", "content": prompts.image_content(text) if pending else text})
         images, pending = images + [pending] if pending else images, None
         prompt = render_prompt(tokenizer, messages)
-        inputs = vision_infer.conversation_inputs(model, processor, messages, images, max_pixels)[1] \
+        inputs = conversation_inputs(model, processor, messages, images, max_pixels)[1] \
             if images else None
         opened = prompt.endswith(prompts.THINK_OPEN)  # the prompt opened the think block
         filt = ThinkFilter(show_think, inside=opened)
@@ -188,26 +193,61 @@ DEMO_QUESTIONS = [
 ]
 
 
-def run_demo(model, tokenizer, settings: GenerationSettings, system_prompt=None, out=sys.stdout) -> int:
-    """Ask the built-in questions one by one: question, answer, time and tokens/s for each."""
-    print(f"demo: {len(DEMO_QUESTIONS)} questions ({settings.describe()})\n", file=out)
-    for i, (question, choices) in enumerate(DEMO_QUESTIONS, 1):
-        prompt = render_prompt(tokenizer, build_messages(question, choices, None, system_prompt))
-        start = time.perf_counter()
-        gen = generate_batch(model, tokenizer, [prompt], settings)[0]
-        secs = time.perf_counter() - start
-        raw = assistant_turn(prompt, gen.text)
-        letter, text, reasoning = parse_reply(raw, choices)
-        print(f"[{i}] {question}", file=out)
+def console_image(processor, path):
+    """The figure of a console `/image PATH` (one-line errors: no image model, no such file)."""
+    if processor is None:
+        raise InputError("this model takes no images; start the console with an image model (e.g. --model "
+                         "tiny-vision or an image model's --adapter)")
+    if not path:
+        raise InputError("usage: /image PATH")
+    return open_image(path)
+
+
+def demo_questions(sample_dir=SAMPLE_VISION_DIR) -> list[tuple[str, dict, str, Path]]:
+    """(question, choices, gold letter, figure path) for the bundled demo figures (data/sample_vision/demo),
+    read from the sample's test_2.csv rows about those figures."""
+    demo = Path(sample_dir) / "demo"
+    figs = {p.name: p for p in sorted(demo.glob("*")) if p.is_file()}
+    records, _ = read_pmc_vqa_csv(Path(sample_dir) / "test_2.csv")
+    out = []
+    for r in records:
+        if r.figure_path in figs:
+            out.append((r.question, r.choices, r.answer_label, figs.pop(r.figure_path)))
+    return out
+
+
+def run_demo(model, tokenizer, settings: GenerationSettings, system_prompt=None, out=None, max_pixels=None) -> int:
+    """Ask the built-in questions one by one: question, answer, time and tokens/s for each. An image
+    model (`tokenizer` = its processor) is asked about the bundled demo figures, with the expected answer."""
+    out = out or sys.stdout
+    vision = is_vision_processor(tokenizer)
+    if vision:
+        qs = demo_questions()
+        if not qs:
+            raise InputError(f"no demo figures found under {SAMPLE_VISION_DIR / 'demo'}")
+        print(f"demo: {len(qs)} questions about the bundled figures ({settings.describe()})\n", file=out)
+    else:
+        qs = [(q, c, None, None) for q, c in DEMO_QUESTIONS]
+        print(f"demo: {len(qs)} questions ({settings.describe()})\n", file=out)
+    right = 0
+    for i, (question, choices, gold, figure) in enumerate(qs, 1):
+        ans = ask(model, tokenizer, question, choices, settings, image=figure, system_prompt=system_prompt,
+                  max_pixels=max_pixels)
+        print(f"[{i}] figure {figure.name}: {question}" if figure else f"[{i}] {question}", file=out)
         for k, v in (choices or {}).items():
             print(f"      {k}. {v}", file=out)
-        if reasoning:
-            print(f"    reasoning: {' '.join(reasoning.split())[:300]}", file=out)
-        if letter:
-            shown = f"{letter}. {text}"
+        if ans.reasoning:
+            print(f"    reasoning: {' '.join(ans.reasoning.split())[:300]}", file=out)
+        if ans.letter:
+            shown = f"{ans.letter}. {ans.answer}"
         else:
-            shown = (f"(no parseable letter) {text}" if choices else text) if text else "(no parseable answer)"
-        n = len(gen.token_ids)
-        print(f"    answer: {shown}\n    {secs:.2f} s, {n} tokens, {n / secs if secs > 0 else 0:.1f} tokens/s\n",
-              file=out)
+            shown = (f"(no parseable letter) {ans.answer}" if choices else ans.answer) if ans.answer \
+                else "(no parseable answer)"
+        expected = f"   (expected {gold}. {choices.get(gold, '?')})" if gold else ""
+        right += gold is not None and ans.letter == gold
+        secs, n = ans.seconds, ans.n_tokens
+        print(f"    answer: {shown}{expected}\n    {secs:.2f} s, {n} tokens, "
+              f"{n / secs if secs > 0 else 0:.1f} tokens/s\n", file=out)
+    if vision:
+        print(f"{right} of {len(qs)} demo answers as expected", file=out)
     return 0

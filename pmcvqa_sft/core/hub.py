@@ -45,3 +45,26 @@ def unreachable_reason() -> str | None:
 def local_only() -> bool:
     """True when downloads must come from the local cache: offline mode, or no route to the hub."""
     return offline() or unreachable_reason() is not None
+
+
+OFFLINE_HINT = ("Offline? pass --model tiny / --tokenizer tiny (the embedded tiny model) or a local folder "
+                "with the downloaded model (hf download deepseek-ai/DeepSeek-R1-Distill-Llama-8B --local-dir DIR)")
+
+
+def hub_kwargs(path: str) -> dict:
+    """A hub id with no route to the hub (or offline mode) loads from the local cache only: a fast
+    failure with our hint instead of minutes of retries."""
+    from pathlib import Path
+    return {} if Path(path).exists() or not local_only() else {"local_files_only": True}
+
+
+def hub_error(kind: str, name: str, exc: Exception):
+    """The one-line InputError for a model, tokenizer or config that could not be loaded."""
+    from pathlib import Path
+
+    from .errors import InputError
+    reason = " ".join(str(exc).split())[:300]
+    if not Path(name).exists() and not offline() and unreachable_reason():
+        reason = f"{unreachable_reason()} and not in the local cache"
+    hint = "" if Path(name).exists() else f" {OFFLINE_HINT}"
+    return InputError(f"cannot load {kind} '{name}': {reason}.{hint}")

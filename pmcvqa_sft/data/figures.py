@@ -27,7 +27,7 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import InputError
+from ..core.errors import InputError
 
 MAX_FIGURE_PIXELS = 89_478_485   # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
 MAX_FIGURE_BYTES = 256 << 20     # a figure file/member larger than this is not read (zip bomb guard)
@@ -226,7 +226,7 @@ def hub_archive(repo_id: str, version: str, cache_dir=None, log=print) -> Path:
     Hub cache, printing its size first; only called for `--images hub`."""
     from huggingface_hub import HfApi, hf_hub_download
 
-    from . import hub
+    from ..core import hub
     name = HUB_ARCHIVES[version]
     if hub.local_only():
         why = "HF_HUB_OFFLINE is set" if hub.offline() else hub.unreachable_reason()
@@ -250,3 +250,37 @@ def hub_archive(repo_id: str, version: str, cache_dir=None, log=print) -> Path:
         raise InputError(f"--images hub: cannot get {name} from '{repo_id}' ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]}); download it yourself and pass "
                          f"--images /path/to/{name}") from None
+
+
+def open_image(path):
+    """A figure given on the command line / in the console, as RGB (named one-line errors)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image '{path}' does not exist")
+    try:
+        return load_figure(str(p.parent), p.name, "folder")
+    except FigureSkip as exc:
+        raise InputError(f"image '{path}' cannot be used: {exc}") from None
+
+
+def figure_loader(report: dict, images: str | None = None, dataset_dir=None):
+    """ref -> PIL image, from preprocess_report.json's `images` (or `images`, a moved copy of them)."""
+    info = report.get("images") or {}
+    if not info and not images:
+        raise InputError(f"dataset '{dataset_dir}' records no figure source (preprocess_report.json has no "
+                         f"'images'); rerun preprocess_pmc_vqa_for_sft.py with --images")
+    root = images or info.get("root")
+    kind = info.get("kind") or ("zip" if str(root).endswith(".zip") else "folder")
+    if images:
+        kind = "zip" if Path(images).suffix == ".zip" else "folder"
+    if not root or not Path(root).exists():
+        raise InputError(f"the figures of dataset '{dataset_dir}' are not at '{root}' any more; pass "
+                         f"--images PATH (the folder or zip they moved to)")
+
+    def load(ref):
+        try:
+            return load_figure(root, ref, kind)
+        except FigureSkip as exc:  # it passed preprocessing's check, so it changed since
+            raise InputError(f"figure '{ref}' of dataset '{dataset_dir}' ({root}) can no longer be read: "
+                             f"{exc}; rerun preprocess_pmc_vqa_for_sft.py --images to re-check the figures") from None
+    return load

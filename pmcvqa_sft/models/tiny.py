@@ -1,0 +1,352 @@
+"""The embedded offline default: a tiny Llama-architecture model and tokenizer built locally.
+
+It stands in for DeepSeek-R1-Distill-Llama-8B wherever the hub can't be reached (tests, `make demo`):
+- the tokenizer is a byte-level BPE trained here on the bundled sample's text, with the same special
+  tokens as the real one (BOS, EOS, `<｜User｜>`, `<｜Assistant｜>`, `<think>`, `</think>`; pad = EOS;
+  User/Assistant/think are added tokens that are not "special", as upstream marks them) and a chat
+  template that renders the same format (BOS, system, `<｜User｜>`, `<｜Assistant｜>`, drops reasoning
+  from rendered assistant turns, generation prompt ending `<｜Assistant｜><think>\\n`);
+- the model is a `LlamaForCausalLM` (4 layers, hidden 128, GQA 4/2 heads, untied head) with a
+  `generation_config` that samples at temperature 0.6, top_p 0.95 like the real one.
+
+Why it is pretrained: LoRA cannot teach a randomly initialised model anything (its frozen random
+`lm_head` caps how far a logit can rise, about 2.5 nats at hidden 128), so the builder first trains all
+parameters on the sample's facts written as plain sentences, never in question/answer form. What the
+LoRA fine-tune then learns - answering the questions - is visible in the demo's before/after table.
+
+The embedded image model (`tiny-vision`) is built below it in this file (see `build_tiny_vision`).
+
+Build: `python -m pmcvqa_sft.models.tiny [--vision] [--out DIR] [--overwrite]` (about 30 s on 2 cores for
+the text model, a few seconds for the image one). Scripts accept `--model tiny` / `--tokenizer tiny` and
+`tiny-vision`, which build them on first use.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+from .. import prompts
+from ..core.atomic import atomic_dir
+from ..core.paths import TINY_ALIAS, TINY_DIR, TINY_VISION_ALIAS, TINY_VISION_DIR
+from ..core.threads import configure_threads
+from ..data import samples
+from .processor import make_processor
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD_LIKE = "<｜▁pad▁｜>"  # unused pad-like special token, as upstream has one
+USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
+
+DEFAULT_DIR = TINY_DIR
+BUILD_VERSION = 1  # bump when the recipe changes so cached builds are rebuilt
+
+# Same output format as the DeepSeek-R1 template (written here, not copied): BOS, the system prompt with
+# no marker, <｜User｜>q, <｜Assistant｜>a<｜end▁of▁sentence｜> with everything up to </think> dropped,
+# and a generation prompt ending <｜Assistant｜><think>\n. Tool calls are not supported.
+CHAT_TEMPLATE = (
+    "{% set ns = namespace(system_prompt='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system_prompt = m['content'] %}{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{% set content = m['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+MODEL_KW = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, rope_theta=500000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=False)
+PRETRAIN = dict(steps=600, batch_size=16, lr=3e-3, warmup=30, seed=0, vocab_size=1024)
+
+
+def _tokenizer_texts() -> list[str]:
+    """The sample's text plus the fixed prompt strings (rendered through prompts.py, so edits count)."""
+    demo = {"A": "first", "B": "second", "C": "third", "D": "fourth"}
+    fixed = [prompts.format_user_prompt("Which?", demo, caption="Figure."),
+             prompts.assistant_content("B", "second", prompts.make_reasoning("Which?", demo, "B", "Figure."))]
+    return samples.all_text() + samples.pretraining_sentences() + fixed * 20
+
+
+def _recipe_key() -> str:
+    blob = json.dumps([BUILD_VERSION, MODEL_KW, PRETRAIN, CHAT_TEMPLATE, _tokenizer_texts(),
+                       samples.pretraining_sentences()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_tokenizer(texts):
+    """Byte-level BPE on `texts` with the DeepSeek special tokens, wrapped for AutoTokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=PRETRAIN["vocab_size"], special_tokens=[BOS, EOS, PAD_LIKE],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (USER, ASSISTANT, THINK, END_THINK)])
+    # Like Llama 3: add_special_tokens=True prepends BOS (so a rendered prompt must not use it).
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   model_max_length=MODEL_KW["max_position_embeddings"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _pretrain(model, tokenizer, sentences, log=print):
+    """Full-parameter causal-LM training on plain fact sentences (BOS + sentence + EOS)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg = PRETRAIN
+    rows = [[tokenizer.bos_token_id] + tokenizer(s, add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id] for s in sentences]
+    rng = random.Random(cfg["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) *
+                                              0.5 * (1 + math.cos(math.pi * s / cfg["steps"])))
+    model.train()
+    order: list[int] = []
+    bar = tqdm(range(cfg["steps"]), desc="pretraining tiny base", leave=False, disable=None)  # None: off in logs
+    for step in bar:
+        if len(order) < cfg["batch_size"]:
+            order += rng.sample(range(len(rows)), len(rows))
+        batch, order = [rows[i] for i in order[:cfg["batch_size"]]], order[cfg["batch_size"]:]
+        width = max(map(len, batch))
+        ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in batch])
+        # padding masked by position, so the real EOS stays trained (pad = EOS)
+        labels = torch.tensor([r + [-100] * (width - len(r)) for r in batch])
+        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch])
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    log(f"tiny base pretrained: {cfg['steps']} steps, final loss {loss.item():.3f}")
+    return loss.item()
+
+
+def build_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, overwrite: bool = False, log=print) -> Path:
+    """Build the tokenizer and the pretrained tiny model into `out_dir` (atomic: temp folder + rename)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True)")
+    configure_threads(TINY_ALIAS)  # one thread unless told otherwise: 10x faster on a busy 2-core machine
+    torch.manual_seed(PRETRAIN["seed"])
+    tokenizer = build_tokenizer(_tokenizer_texts())
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **MODEL_KW)
+    model = LlamaForCausalLM(config)
+    final_loss = _pretrain(model, tokenizer, samples.pretraining_sentences(), log=log)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id, do_sample=True,
+                                               temperature=0.6, top_p=0.95)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tiny_build.json").write_text(json.dumps(
+            {"recipe": _recipe_key(), "pretrain_final_loss": final_loss, **PRETRAIN}, indent=2))
+    return out
+
+
+def ensure_built(out_dir, stamp_name: str, recipe_key, build, log=print, note: str = "") -> Path:
+    """`out_dir`, built by `build(out, overwrite=True, log=log)` on first use and rebuilt when the
+    `recipe` in its `stamp_name` file differs from `recipe_key()` (both tiny models)."""
+    from filelock import FileLock
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # parallel test runs / scripts build it once
+        stamp = out / stamp_name
+        if stamp.exists():
+            try:
+                if json.loads(stamp.read_text()).get("recipe") == recipe_key():
+                    return out
+            except (OSError, ValueError):
+                pass
+        if note:
+            log(note.format(out=out))
+        return build(out, overwrite=True, log=log)
+
+
+def ensure_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, log=print) -> Path:
+    """The tiny model folder, built on first use and rebuilt when the recipe or sample changed."""
+    return ensure_built(out_dir, "tiny_build.json", _recipe_key, build_tiny, log,
+                        "building the embedded tiny model in {out} (about 30 s, once)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The embedded image model: a tiny Qwen2.5-VL (random weights), tokenizer and image processor.
+# It stands in for Qwen/Qwen2.5-VL-7B-Instruct wherever the hub can't be reached (tests, the vision demo):
+# - the tokenizer is a byte-level BPE (vocabulary 800) trained here on the bundled samples' text, carrying
+#   Qwen's special tokens (<|endoftext|> = pad, <|im_start|>, <|im_end|> = EOS, <|vision_start|>,
+#   <|vision_end|>, <|image_pad|>, <|video_pad|>), with a chat template that renders Qwen2.5-VL's format:
+#   a default system turn, one <|vision_start|><|image_pad|><|vision_end|> per image item, generation
+#   prompt <|im_start|>assistant\n (no think block);
+# - the model is a Qwen2_5_VLForConditionalGeneration: text part hidden 128, 2 layers, 4 heads / 2 KV
+#   heads, mrope_section=[4, 6, 6], tied embeddings; vision part depth 2, hidden 64, patch 14, spatial
+#   merge 2, temporal patch 2 (about 0.66 M parameters in all);
+# - the image processor is transformers' PIL Qwen2VLImageProcessorPil (no torchvision needed) with
+#   min_pixels 56x56 and max_pixels 112x112, so a 112x112 figure becomes 16 <|image_pad|>.
+# Unlike the text tiny model it is not pretrained: a LoRA on the LM plus a trainable merger learns the
+# bundled colour task from random weights (measured in docs/VISION.md).
+# ---------------------------------------------------------------------------------------------------
+
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+SPECIALS = [PAD, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# Renders the same format as Qwen2.5-VL-Instruct's template (written here, not copied): a default system
+# turn when the first message is not a system one; string or list content; image items become
+# <|vision_start|><|image_pad|><|vision_end|>; the generation prompt opens the assistant turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'video' or 'video' in item %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+TEXT_KW = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]})
+VISION_KW = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=14,
+                 spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
+IMAGE_KW = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
+VOCAB_SIZE, SEED = 800, 0
+
+
+def _vision_tokenizer_texts() -> list[str]:
+    """Every string of the bundled samples plus the prompt text and every answer line of the image
+    sample (rendered through prompts.py), repeated so that the instruction, `Answer:` and ` Red` are
+    whole tokens: a target spelled letter by letter is far harder for the tiny model to learn."""
+    colours = list(samples.COLOURS)
+    fixed = [prompts.format_user_prompt(q, dict(zip(prompts.LETTERS, colours[i:] + colours[:i])))
+             for i, q in enumerate(samples.QUESTIONS)]
+    fixed += [prompts.answer_line(letter, c) for letter in prompts.LETTERS for c in colours] + [DEFAULT_SYSTEM]
+    return samples.all_text() + samples.vision_all_text() + fixed * 20
+
+
+def _vision_recipe_key() -> str:
+    blob = json.dumps([BUILD_VERSION, TEXT_KW, VISION_KW, IMAGE_KW, VOCAB_SIZE, SEED, CHAT_TEMPLATE,
+                       _vision_tokenizer_texts()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_vision_tokenizer(texts):
+    """Byte-level BPE on `texts` with Qwen's special tokens (no BOS, like Qwen), for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
+                                   model_max_length=TEXT_KW["max_position_embeddings"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_image_processor():
+    """transformers' PIL image processor for Qwen2-VL / 2.5-VL (works without torchvision)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil(**IMAGE_KW)
+
+
+def build_vision_model(tokenizer):
+    """The random-weight tiny Qwen2.5-VL whose special token ids match `tokenizer`."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    text = dict(TEXT_KW, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=ids[IM_END],
+                pad_token_id=ids[PAD], tie_word_embeddings=True)
+    vision = dict(VISION_KW, out_hidden_size=TEXT_KW["hidden_size"])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids[IMAGE_PAD],
+                              video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
+                              vision_end_token_id=ids[VISION_END], tie_word_embeddings=True)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    # Like the Instruct release: stop on <|im_end|> (or <|endoftext|>), pad with <|endoftext|>; greedy.
+    model.generation_config = GenerationConfig(eos_token_id=[ids[IM_END], ids[PAD]], pad_token_id=ids[PAD],
+                                               do_sample=False)
+    return model
+
+
+def build_tiny_vision(out_dir: str | os.PathLike = TINY_VISION_DIR, overwrite: bool = False, log=print) -> Path:
+    """Build tokenizer, image processor and model into `out_dir` (atomic: temp folder + rename)."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True)")
+    tokenizer = build_vision_tokenizer(_vision_tokenizer_texts())
+    model = build_vision_model(tokenizer)
+    processor = make_processor(build_image_processor(), tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)  # tokenizer + preprocessor_config.json + chat template
+        (tmp / "tiny_vision_build.json").write_text(json.dumps(
+            {"recipe": _vision_recipe_key(), "parameters": n_params, "text": TEXT_KW, "vision": VISION_KW,
+             "image_processor": IMAGE_KW, "vocab_size": len(tokenizer)}, indent=2))
+    log(f"built the tiny vision model in {out} ({n_params:,} parameters)")
+    return out
+
+
+def ensure_tiny_vision(out_dir: str | os.PathLike = TINY_VISION_DIR, log=print) -> Path:
+    """The tiny vision folder, built on first use and rebuilt when the recipe or the samples changed."""
+    return ensure_built(out_dir, "tiny_vision_build.json", _vision_recipe_key, build_tiny_vision, log)
+
+
+def resolve(name_or_path: str) -> str:
+    """`tiny` / `tiny-vision` -> the built folder; anything else unchanged (hub id or local folder)."""
+    if name_or_path == TINY_ALIAS:
+        return str(ensure_tiny())
+    if name_or_path == TINY_VISION_ALIAS:
+        return str(ensure_tiny_vision())
+    return name_or_path
+
+
+def main(argv=None) -> int:
+    """`python -m pmcvqa_sft.models.tiny [--vision] [--out DIR] [--overwrite]`: build (or reuse), print the folder."""
+    p = argparse.ArgumentParser(prog="python -m pmcvqa_sft.models.tiny",
+                                description="Build the embedded tiny model and tokenizer (--vision: the tiny "
+                                            "Qwen2.5-VL model, tokenizer and image processor).")
+    p.add_argument("--vision", action="store_true", help="build the tiny image model (tiny-vision)")
+    p.add_argument("--out", default=None, help=f"output folder (default: {TINY_DIR} or, with --vision, "
+                                               f"{TINY_VISION_DIR})")
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
+    args = p.parse_args(argv)
+    ensure, build = (ensure_tiny_vision, build_tiny_vision) if args.vision else (ensure_tiny, build_tiny)
+    out = args.out or str(TINY_VISION_DIR if args.vision else TINY_DIR)
+    print(ensure(out) if Path(out).exists() and not args.overwrite else build(out, overwrite=args.overwrite))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
