@@ -31,7 +31,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 tiny: setup
-	$(PYTHON) -m pmcvqa_sft.tiny
+	$(PYTHON) -m pmcvqa_sft.models.tiny
 
 test: setup $(VENV)/.installed-test
 	$(PYTHON) -m pytest tests -q -ra
@@ -48,7 +48,7 @@ DEMO_LR    ?= 1e-3
 demo: setup
 	@set -e; run="$(RUN_DIR)"; start=$$(date +%s); \
 	echo "==> [1/4] embedded tiny model (first run only: tokenizer + 600 pretraining steps, then cached in artifacts/)"; \
-	$(PYTHON) -m pmcvqa_sft.tiny; \
+	$(PYTHON) -m pmcvqa_sft.models.tiny; \
 	echo "==> [2/4] preprocessing the bundled sample -> $$run/data"; \
 	$(PYTHON) preprocess_pmc_vqa_for_sft.py --data data/sample --tokenizer tiny --output_dir $$run/data; \
 	echo "==> [3/4] 8-bit LoRA training on the CPU -> $$run/model"; \
@@ -72,7 +72,7 @@ VRUN_DIR      ?= runs/demo-vision-$(shell date +%Y%m%d-%H%M%S)
 demo-vision: setup
 	@set -e; run="$(VRUN_DIR)"; start=$$(date +%s); export OMP_NUM_THREADS=$(VDEMO_THREADS); \
 	echo "==> [1/4] embedded tiny Qwen2.5-VL (built once, cached in artifacts/)"; \
-	$(PYTHON) -m pmcvqa_sft.tiny_vision; \
+	$(PYTHON) -m pmcvqa_sft.models.tiny --vision; \
 	echo "==> [2/4] preprocessing the bundled image sample (figures read from the zip) -> $$run/data"; \
 	$(PYTHON) preprocess_pmc_vqa_for_sft.py --data data/sample_vision --images data/sample_vision/images_2.zip \
 	  --tokenizer tiny-vision --output_dir $$run/data; \

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pmcvqa_sft.errors import OneLineParser
+from pmcvqa_sft.core.errors import OneLineParser
 
 
 def parse_args(argv=None):
@@ -118,17 +118,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from pmcvqa_sft.errors import InputError
+    from pmcvqa_sft.core.errors import InputError
     args = parse_args(argv)
     if args.threads is not None:
-        from pmcvqa_sft.threads import configure_threads
+        from pmcvqa_sft.core.threads import configure_threads
         configure_threads(threads=args.threads)
     if args.choices and not args.question:
         raise InputError("--choices needs --question")
     if args.image and not args.question:
         raise InputError("--image needs --question (in --interactive, use /image PATH)")
     if args.compare_runs:
-        from pmcvqa_sft.compare_runs import compare_runs
+        from pmcvqa_sft.evaluate.compare import compare_runs
         print(compare_runs(args.compare_runs))
         return 0
     if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save
@@ -139,13 +139,13 @@ def main(argv=None) -> int:
         if getattr(args, flag) and not args.dataset_dir:
             raise InputError(f"--{flag} needs --dataset_dir (a preprocess_pmc_vqa_for_sft.py output folder)")
     if args.serve:  # every serving flag is checked before anything is merged or loaded
-        from pmcvqa_sft import serving
+        from pmcvqa_sft.infer import serving
         if not args.adapter:
             raise InputError("--serve needs --adapter (the training output folder to serve)")
         return serving.serve(args.adapter, args.model, args.engine, args.host, args.port, args.quantization,
                              args.serve_cache, args.served_model_name, args.ready_timeout)
     if args.export_lm_eval:
-        from pmcvqa_sft import lm_eval_task
+        from pmcvqa_sft.evaluate import lm_eval as lm_eval_task
         lm_eval_task.export(args.export_lm_eval, args.dataset_dir, args.split, args.num_samples, args.model,
                             args.adapter, args.letter_only, args.task_name, args.overwrite)
         return 0
@@ -155,11 +155,12 @@ def main(argv=None) -> int:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.compare_base and not args.adapter:
         raise InputError("--compare_base needs --adapter (it compares the base model with the adapter)")
-    from pmcvqa_sft.generation import check_sampling
+    from pmcvqa_sft.infer.generation import check_sampling
     check_sampling(args.temperature, args.top_p)
 
-    from pmcvqa_sft import inference
-    choices = inference.normalize_choices(args.choices) if args.choices else None  # fail before loading
+    from pmcvqa_sft.infer.answer import answer_question, normalize_choices
+    from pmcvqa_sft.models import adapters as inference
+    choices = normalize_choices(args.choices) if args.choices else None  # fail before loading
     if args.merge_and_save:
         if not args.adapter:
             raise InputError("--merge_and_save needs --adapter")
@@ -167,42 +168,36 @@ def main(argv=None) -> int:
         return 0
 
     if args.evaluate:  # check the dataset and the output folder before the slow model load
-        from pmcvqa_sft import evaluation
+        from pmcvqa_sft.evaluate import accuracy as evaluation
         if args.output_dir:
             evaluation.check_output_dir(args.output_dir, args.overwrite)
         data = evaluation.load_eval_rows(args.dataset_dir, args.split, args.num_samples)
         loaded = inference.load_for_inference(args.model, args.adapter, args.quantization)
-        if loaded.processor is not None:  # an image model: figures, blind ablation (vision_eval.py)
-            from pmcvqa_sft.vision_eval import run_vision_evaluation
-            run_vision_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size,
-                                  args.method, args.letter_only, args.max_new_tokens, args.output_dir,
-                                  args.compare_base, args.overwrite, blind=args.blind,
-                                  images=args.images, max_pixels=args.max_pixels)
-            return 0
+        # an image model reads its rows with the figure columns (and runs the blind ablation)
         evaluation.run_evaluation(loaded, args.dataset_dir, args.split, args.num_samples, args.batch_size,
                                   args.method, args.letter_only, args.max_new_tokens, args.output_dir,
-                                  args.compare_base, args.overwrite, data=data)
+                                  args.compare_base, args.overwrite, data=None if loaded.processor else data,
+                                  blind=args.blind, images=args.images, max_pixels=args.max_pixels)
         return 0
     loaded = inference.load_for_inference(args.model, args.adapter, args.quantization)
 
-    from pmcvqa_sft import console, vision_infer
-    from pmcvqa_sft.generation import GenerationSettings
+    from pmcvqa_sft.format.media import card_max_pixels
+    from pmcvqa_sft.infer import console
+    from pmcvqa_sft.infer.generation import GenerationSettings
     settings = GenerationSettings.from_model(loaded.model, args.temperature, args.top_p, args.max_new_tokens,
                                              args.greedy)
     if args.interactive:
         return console.run_console(loaded.model, loaded.processor or loaded.tokenizer, settings,
                                    loaded.system_prompt, show_think=not args.hide_think,
-                                   max_pixels=args.max_pixels or vision_infer.card_max_pixels(loaded.card))
-    if args.demo and loaded.processor is not None:
-        return vision_infer.run_vision_demo(loaded.model, loaded.processor, settings, loaded.system_prompt,
-                                            args.max_pixels or vision_infer.card_max_pixels(loaded.card))
+                                   max_pixels=args.max_pixels or card_max_pixels(loaded.card))
     if args.demo:
-        return console.run_demo(loaded.model, loaded.tokenizer, settings, loaded.system_prompt)
-    ans = inference.answer_question(args.question, choices, loaded.model, loaded.processor or loaded.tokenizer,
+        return console.run_demo(loaded.model, loaded.processor or loaded.tokenizer, settings, loaded.system_prompt,
+                                max_pixels=args.max_pixels or card_max_pixels(loaded.card))
+    ans = answer_question(args.question, choices, loaded.model, loaded.processor or loaded.tokenizer,
                                     caption=args.caption, system_prompt=loaded.system_prompt,
                                     greedy=not settings.do_sample, temperature=args.temperature,
                                     top_p=args.top_p, max_new_tokens=settings.max_new_tokens, image=args.image,
-                                    max_pixels=args.max_pixels or vision_infer.card_max_pixels(loaded.card))
+                                    max_pixels=args.max_pixels or card_max_pixels(loaded.card))
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=2))
         return 0
@@ -214,5 +209,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from pmcvqa_sft.errors import run_main
+    from pmcvqa_sft.core.errors import run_main
     run_main(main)

@@ -25,9 +25,9 @@ import argparse
 import json
 import os
 
-from pmcvqa_sft.sources import HUB_DATASET_ID
-from pmcvqa_sft.errors import OneLineParser, run_main
-from pmcvqa_sft.modeling import DEFAULT_MODEL
+from pmcvqa_sft.data.sources import HUB_DATASET_ID
+from pmcvqa_sft.core.errors import OneLineParser, run_main
+from pmcvqa_sft.core.paths import DEFAULT_MODEL
 
 
 def parse_args(argv=None):
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # The Rust tokenizer parallelises batches itself; nothing here forks after it is used.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from pmcvqa_sft.preprocess import run_preprocess
-    from pmcvqa_sft.preprocess_vision import vision_args
+    from pmcvqa_sft.preprocess.run import run_preprocess
+    from pmcvqa_sft.preprocess.run import vision_args
     tokenizer, vision = vision_args(args.images, args.tokenizer, args.max_pixels, args.output_dir, args.overwrite)
     report = run_preprocess(
         data=args.data, tokenizer_name=args.tokenizer, output_dir=args.output_dir,

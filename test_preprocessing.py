@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pmcvqa_sft.errors import OneLineParser, run_main
+from pmcvqa_sft.core.errors import OneLineParser, run_main
 
 
 def parse_args(argv=None):
@@ -41,8 +41,9 @@ def parse_args(argv=None):
 
 def check_row(tok, row, gen_tail, sys_prompt, reasoning, include_caption, image=False) -> dict[str, bool]:
     """Each invariant for one row, recomputed independently of the preprocessor's fast path."""
-    from pmcvqa_sft import encoding, prompts
-    from pmcvqa_sft.dataset_io import row_choices
+    from pmcvqa_sft.format import encoding
+    from pmcvqa_sft import prompts
+    from pmcvqa_sft.data.store import row_choices
     ids, labels = row["input_ids"], row["labels"]
     msgs = prompts.create_conversation(row["question"], row_choices(row), row["answer_label"],
                                        caption=row["caption"] or None if include_caption else None,
@@ -69,8 +70,8 @@ def check_row(tok, row, gen_tail, sys_prompt, reasoning, include_caption, image=
 def check_images(proc, rows, images) -> dict[str, bool]:
     """One unexpanded placeholder per row, and the processor's own expansion of the prompt with the figure
     == `expand_image_tokens` of the stored ids (what the training collator does)."""
-    from pmcvqa_sft import figures
-    from pmcvqa_sft.vision_processor import expand_image_tokens, image_token_id, num_image_tokens
+    from pmcvqa_sft.data import figures
+    from pmcvqa_sft.format.media import expand_image_tokens, image_token_id, num_image_tokens
     tid, src = image_token_id(proc), figures.FigureSource(images)
     one = expand = True
     for _, row in rows:
@@ -87,14 +88,14 @@ def check_images(proc, rows, images) -> dict[str, bool]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pmcvqa_sft import encoding
-    from pmcvqa_sft.dataset_io import load_processed
-    from pmcvqa_sft.modeling import load_tokenizer
-    from pmcvqa_sft.preprocess import run_preprocess
+    from pmcvqa_sft.format import encoding
+    from pmcvqa_sft.data.store import load_processed
+    from pmcvqa_sft.models.loading import load_tokenizer
+    from pmcvqa_sft.preprocess.run import run_preprocess
     proc = vision = None
     if args.images:
-        from pmcvqa_sft.preprocess_vision import VisionPrep
-        from pmcvqa_sft.vision_processor import load_processor
+        from pmcvqa_sft.preprocess.media import VisionPrep
+        from pmcvqa_sft.models.loading import load_processor
         proc = load_processor(args.tokenizer)
         vision = VisionPrep(args.images, proc)
     tok = proc.tokenizer if proc is not None else load_tokenizer(args.tokenizer)
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     sys_prompt = report["system_prompt"]
     gen_tail = encoding.PromptEncoder(tok, sys_prompt).gen_tail
     if proc is not None:  # the image prompt's generation tail
-        from pmcvqa_sft.preprocess_vision import ImagePromptEncoder
+        from pmcvqa_sft.format.encoding import ImagePromptEncoder
         gen_tail = ImagePromptEncoder(tok, sys_prompt).gen_tail
     color = sys.stdout.isatty()
     print(f"tokenizer {args.tokenizer} (vocab {report['vocab_size']}, EOS {report['eos_token_id']}); "

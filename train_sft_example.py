@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 
-from pmcvqa_sft.errors import OneLineParser, run_main
-from pmcvqa_sft.train_options import add_arguments, from_namespace
+from pmcvqa_sft.core.errors import OneLineParser, run_main
+from pmcvqa_sft.train.options import add_arguments, from_namespace
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pmcvqa_sft.training import run_training
+    from pmcvqa_sft.train.run import run_training
     run_training(from_namespace(args))
     return 0
 

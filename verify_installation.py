@@ -19,11 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pmcvqa_sft.errors import InputError, OneLineParser, run_main
+from pmcvqa_sft.core.errors import InputError, OneLineParser, run_main
 
 
 def parse_args(argv=None):
-    from pmcvqa_sft import environment as env
+    from pmcvqa_sft.verify import environment as env
     p = OneLineParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     # ---- what to check ----
@@ -61,7 +61,7 @@ def write_json(path: str, payload: dict, overwrite: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pmcvqa_sft import checks, environment as env
+    from pmcvqa_sft.verify import checks, environment as env
     if args.minimal and args.smoke:
         raise InputError("--smoke needs the full install (torch, bitsandbytes): drop --minimal")
     if args.json and args.json != "-" and Path(args.json).exists() and not args.overwrite:

@@ -25,15 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pmcvqa_sft.atomic import write_json  # noqa: E402
-from pmcvqa_sft.quick_adapter import sample_rows, train_quick_adapter  # noqa: E402
+from bench.results_io import write_results as write_json  # paths relative to the repository
+from pmcvqa_sft.train.quick_adapter import sample_rows, train_quick_adapter
 def sequential_generate(model, tokenizer, rows, max_new_tokens: int) -> list[str | None]:
     """The seed's evaluation: one question at a time, template, greedy generate, parse."""
     import torch
 
     from pmcvqa_sft import prompts
-    from pmcvqa_sft.answers import extract_answer
-    from pmcvqa_sft.encoding import render_prompt
+    from pmcvqa_sft.format.answers import extract_answer
+    from pmcvqa_sft.format.encoding import render_prompt
     preds = []
     for r in rows:
         msgs = prompts.create_conversation(r["question"], r["choices"])
@@ -49,7 +49,7 @@ def sequential_generate(model, tokenizer, rows, max_new_tokens: int) -> list[str
 
 def bench(model, tok, rows, batch_size: int, max_new_tokens: int) -> dict:
     """Time the three methods on `rows`; agreement of score with sequential generation."""
-    from pmcvqa_sft.evaluation import evaluate_model
+    from pmcvqa_sft.evaluate.accuracy import evaluate_model
     evaluate_model(model, tok, rows[:4], "score", progress=False)  # warm-up
     sequential_generate(model, tok, rows[:2], max_new_tokens)
     results = {}
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pmcvqa_sft.inference import load_for_inference
-    from pmcvqa_sft.tiny import ensure_tiny
+    from pmcvqa_sft.models.adapters import load_for_inference
+    from pmcvqa_sft.models.tiny import ensure_tiny
     if args.threads:
         torch.set_num_threads(args.threads)
     report = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,

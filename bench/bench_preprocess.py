@@ -110,8 +110,8 @@ def main() -> int:
     import tokenizers
     import transformers
 
-    from pmcvqa_sft.modeling import load_tokenizer
-    from pmcvqa_sft.preprocess import run_preprocess
+    from pmcvqa_sft.models.loading import load_tokenizer
+    from pmcvqa_sft.preprocess.run import run_preprocess
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         tmp = Path(tmp)
         csv_path = tmp / "train.csv"
@@ -163,9 +163,8 @@ def main() -> int:
                      "tokenizers": tokenizers.__version__},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from bench.results_io import write_results
+    out = write_results(args.out, result)  # paths relative to the repository
     print()
     print(f"{'':12}{'rows/s':>10}{'time (s)':>12}{'disk (MB)':>12}{'disk / token bytes':>20}")
     print(f"{'baseline':12}{base['rows_per_s']:>10,.0f}{result['baseline']['extrapolated_seconds']:>12}"

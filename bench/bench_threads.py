@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pmcvqa_sft.atomic import write_json  # noqa: E402
+from bench.results_io import write_results as write_json  # paths relative to the repository
 
 WORKER = r"""
 import json, sys, time, torch
@@ -85,7 +85,7 @@ def main() -> int:
     p.add_argument("--max_s", type=float, default=60.0, help="cut a case after this many seconds")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "threads.json"), help="results JSON")
     a = p.parse_args()
-    from pmcvqa_sft.tiny import ensure_tiny
+    from pmcvqa_sft.models.tiny import ensure_tiny
     ensure_tiny()
     cases = []
     for busy in [int(b) for b in a.busy.split(",")]:

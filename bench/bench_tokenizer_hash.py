@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pmcvqa_sft.atomic import write_json  # noqa: E402
+from bench.results_io import write_results as write_json  # paths relative to the repository
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "deepseek_r1_distill_llama_8b_tokenizer"
 
@@ -32,8 +32,8 @@ def main() -> int:
     if not Path(a.tokenizer).is_dir():
         print(f"tokenizer folder {a.tokenizer} absent: nothing measured")
         return 0
-    from pmcvqa_sft import encoding
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.format import encoding
+    from pmcvqa_sft.models.loading import load_tokenizer
     tok = load_tokenizer(a.tokenizer)
     times = []
     for _ in range(a.repeats):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pmcvqa_sft.atomic import write_json  # noqa: E402
+from bench.results_io import write_results as write_json  # paths relative to the repository
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -84,7 +84,7 @@ def _word_pool() -> list[str]:
     """Distinct words of the bundled sample (the tiny tokenizer was trained on them: sensible splits)."""
     import re
 
-    from pmcvqa_sft import sample_data
+    from pmcvqa_sft.data import samples as sample_data
     words = {w for t in sample_data.all_text() for w in re.findall(r"[A-Za-z][A-Za-z'-]*", t)}
     return sorted(words)
 
@@ -116,9 +116,9 @@ def make_dataset(name: str, a, work: Path, rows: int) -> tuple[Path, dict, str]:
     """(folder, preprocess report, description): `rows` train rows preprocessed with the model's tokenizer."""
     import csv
 
-    from pmcvqa_sft.data import V2_COLUMNS
-    from pmcvqa_sft.modeling import resolve_name
-    from pmcvqa_sft.preprocess import run_preprocess
+    from pmcvqa_sft.data.pmc_vqa import V2_COLUMNS
+    from pmcvqa_sft.models.loading import resolve_name
+    from pmcvqa_sft.preprocess.run import run_preprocess
     out = work / f"data_{name}"
     if name == "sample":
         report = run_preprocess(data=str(ROOT / "data" / "sample"), tokenizer_name=resolve_name(a.model),
@@ -142,7 +142,8 @@ def make_dataset(name: str, a, work: Path, rows: int) -> tuple[Path, dict, str]:
 # ---- trainers ----
 
 def run_ours(a, data_dir, work):
-    from pmcvqa_sft.training import TrainOptions, setup_run
+    from pmcvqa_sft.train.options import TrainOptions
+    from pmcvqa_sft.train.run import setup_run
     o = TrainOptions(dataset_dir=str(data_dir), model=a.model, output_dir=str(work / "ours"), overwrite=True,
                      quantization=a.quantization, max_steps=a.steps, per_device_train_batch_size=a.batch,
                      gradient_accumulation_steps=a.accum, learning_rate=1e-3, warmup_steps=0,
@@ -160,7 +161,7 @@ def trl_config(a, work):
     import torch
     from trl import SFTConfig
 
-    from pmcvqa_sft.modeling import compute_dtype
+    from pmcvqa_sft.models.loading import compute_dtype
     # everything else is SFTConfig's default; these are the run's shape (same as ours) and housekeeping
     return dict(output_dir=str(work / "trl"), max_steps=a.steps, per_device_train_batch_size=a.batch,
                 gradient_accumulation_steps=a.accum, learning_rate=1e-3, lr_scheduler_type="cosine",
@@ -174,7 +175,8 @@ def run_trl(a, data_dir, work):
     from datasets import load_from_disk
     from trl import SFTTrainer
 
-    from pmcvqa_sft.modeling import device_map_for_process, load_model, load_tokenizer, lora_config
+    from pmcvqa_sft.models.loading import device_map_for_process, load_model, load_tokenizer
+    from pmcvqa_sft.models.lora import lora_config
     tok = load_tokenizer(a.model)
     ds = load_from_disk(str(data_dir))["train"]
     ds = ds.map(lambda r: {"completion_mask": [int(x != -100) for x in r["labels"]]},

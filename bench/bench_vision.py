@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from pmcvqa_sft.atomic import write_json  # noqa: E402
+from bench.results_io import write_results as write_json  # paths relative to the repository
 
 SAMPLE = ROOT / "data" / "sample_vision"
 
@@ -93,9 +93,9 @@ def best_rate(fn, items, rounds) -> float:
 
 
 def bench_check(name, zip_path, rounds, proc) -> dict:
-    from pmcvqa_sft import figures
-    from pmcvqa_sft.data import MCQRecord
-    from pmcvqa_sft.preprocess_vision import VisionPrep
+    from pmcvqa_sft.data import figures
+    from pmcvqa_sft.data.pmc_vqa import MCQRecord
+    from pmcvqa_sft.preprocess.media import VisionPrep
 
     src = figures.FigureSource(zip_path)
     refs = sorted(n for n in zipfile.ZipFile(zip_path).namelist() if not n.endswith("/"))
@@ -114,8 +114,8 @@ def bench_check(name, zip_path, rounds, proc) -> dict:
 
 
 def bench_collator(rows, load, proc, max_pixels, batch_size, rounds) -> dict:
-    from pmcvqa_sft.vision_collate import VisionCollator
-    from pmcvqa_sft.vision_processor import image_token_id
+    from pmcvqa_sft.data.collate import VisionCollator
+    from pmcvqa_sft.format.media import image_token_id
     coll = VisionCollator(proc.image_processor, image_token_id(proc), proc.tokenizer.pad_token_id, load,
                           max_pixels=max_pixels)
     batches = [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
@@ -134,7 +134,7 @@ def bench_step(batch, steps, gradient_checkpointing) -> dict:
     import torch
     from types import SimpleNamespace
 
-    from pmcvqa_sft.vision_model import build_vision_model
+    from pmcvqa_sft.train.run import build_model as build_vision_model
     o = SimpleNamespace(model="tiny-vision", quantization="8bit", gradient_checkpointing=gradient_checkpointing, lora_r=16,
                         lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", train_vision="merger")
     model, params = build_vision_model(o, log=lambda *_: None)
@@ -157,7 +157,7 @@ def bench_step(batch, steps, gradient_checkpointing) -> dict:
 
 def token_share(text_lens, image_tokens, batch_size, seed) -> dict:
     """Real-token share of batches: random order vs the training sampler's length grouping."""
-    from pmcvqa_sft.collate import EpochLengthGroupedSampler
+    from pmcvqa_sft.data.collate import EpochLengthGroupedSampler
     lengths = [t - 1 + n for t, n in zip(text_lens, image_tokens)]
     order_random = list(range(len(lengths)))
     random.Random(seed).shuffle(order_random)
@@ -181,10 +181,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from datasets import load_from_disk
 
-    from pmcvqa_sft import figures
-    from pmcvqa_sft.preprocess import run_preprocess
-    from pmcvqa_sft.preprocess_vision import VisionPrep
-    from pmcvqa_sft.vision_processor import load_processor, num_image_tokens
+    from pmcvqa_sft.data import figures
+    from pmcvqa_sft.preprocess.run import run_preprocess
+    from pmcvqa_sft.preprocess.media import VisionPrep
+    from pmcvqa_sft.models.loading import load_processor
+    from pmcvqa_sft.format.media import num_image_tokens
     t_all = time.perf_counter()
     proc = load_processor("tiny-vision")
     res = {"args": vars(a), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -214,8 +215,8 @@ def main(argv=None) -> int:
             "pmc_like": bench_collator(pmc_rows, load_pmc, proc, a.max_pixels, a.batch_size, a.rounds)}
         print("collator", res["collator"], flush=True)
 
-        from pmcvqa_sft.vision_collate import VisionCollator
-        from pmcvqa_sft.vision_processor import image_token_id
+        from pmcvqa_sft.data.collate import VisionCollator
+        from pmcvqa_sft.format.media import image_token_id
         batch = VisionCollator(proc.image_processor, image_token_id(proc), proc.tokenizer.pad_token_id,
                                load_sample, max_pixels=None)(rows[:a.batch_size])
         res["train_step"] = bench_step(batch, a.steps, a.gradient_checkpointing)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pmcvqa_sft.atomic import write_json  # noqa: E402
+from pmcvqa_sft.core.atomic import write_json
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_CONFIG = ROOT.parent / "shared" / "fixtures" / "deepseek_r1_distill_llama_8b" / "config.json"
 # DeepSeek-R1-Distill-Llama-8B (its published config.json), used when the config file isn't there (a bare GPU box)
@@ -168,8 +168,9 @@ def run_mode(a, mode: str, weights: Path, vocab: int, work: Path) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from pmcvqa_sft.collate import SFTCollator
-    from pmcvqa_sft.training import TrainOptions, _trainer_class, build_model, training_arguments
+    from pmcvqa_sft.data.collate import SFTCollator
+    from pmcvqa_sft.train.options import TrainOptions
+    from pmcvqa_sft.train.run import _trainer_class, build_model, training_arguments
     quant = {"bf16": "none"}.get(mode, mode)
     o = TrainOptions(dataset_dir="-", model=str(weights), output_dir=str(work / f"out_{mode}"), quantization=quant,
                      max_steps=a.steps, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
@@ -224,7 +225,7 @@ def vl_batch(a, config, device):
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from pmcvqa_sft.vision_collate import build_batch
+    from pmcvqa_sft.data.collate import build_batch
     rng = random.Random(0)
     ip = Qwen2VLImageProcessorPil(**QWEN_IMAGE_PROCESSOR)
     vocab, img = config.text_config.vocab_size, config.image_token_id
@@ -245,7 +246,7 @@ def run_vl_mode(a, mode: str, weights: Path, config, work: Path) -> dict:
     import torch
     from types import SimpleNamespace
 
-    from pmcvqa_sft.vision_model import build_vision_model
+    from pmcvqa_sft.train.run import build_model as build_vision_model
     quant = {"bf16": "none"}.get(mode, mode)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -254,7 +255,7 @@ def run_vl_mode(a, mode: str, weights: Path, config, work: Path) -> dict:
     o = SimpleNamespace(model=str(weights), quantization=quant, gradient_checkpointing=True, lora_r=16, lora_alpha=32,
                         lora_dropout=0.05, target_modules="all-linear", train_vision=a.train_vision)
     t0 = time.perf_counter()
-    model, params = build_vision_model(o, log=lambda *_: None)
+    model, params = build_vision_model(o, None, log=lambda *_: None)
     load_s = time.perf_counter() - t0
     after_load = torch.cuda.memory_allocated() if cuda else 0
     if o.gradient_checkpointing:

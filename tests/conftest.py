@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")        # before torch loads: the scripts' subprocesses too
-from pmcvqa_sft.threads import configure_threads  # noqa: E402
+from pmcvqa_sft.core.threads import configure_threads
 
 configure_threads("tiny")  # the rule every script uses: one torch thread for the tiny model (threads.py)
 
@@ -34,13 +34,13 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The embedded tiny model folder (built once, cached under artifacts/)."""
-    from pmcvqa_sft.tiny import ensure_tiny
+    from pmcvqa_sft.models.tiny import ensure_tiny
     return ensure_tiny()
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir):
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.models.loading import load_tokenizer
     return load_tokenizer(str(tiny_dir))
 
 
@@ -49,14 +49,14 @@ def real_tokenizer():
     """The faithful 128,256-token stand-in for the DeepSeek-R1-Distill-Llama-8B tokenizer."""
     if not REAL_TOKENIZER.is_dir():
         pytest.skip(f"real-tokenizer fixture absent ({REAL_TOKENIZER}); fidelity test skipped")
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.models.loading import load_tokenizer
     return load_tokenizer(str(REAL_TOKENIZER))
 
 
 @pytest.fixture(scope="session")
 def processed_tiny(tmp_path_factory, tiny_dir) -> Path:
     """The bundled sample preprocessed with the tiny tokenizer (train/validation/test)."""
-    from pmcvqa_sft.preprocess import run_preprocess
+    from pmcvqa_sft.preprocess.run import run_preprocess
     out = tmp_path_factory.mktemp("processed") / "pmc_vqa_tiny"
     run_preprocess(data=str(SAMPLE_DIR), tokenizer_name=str(tiny_dir), output_dir=str(out))
     return out

@@ -15,8 +15,8 @@ def _adapter(tmp_path, base: str):
 
 @pytest.mark.parametrize("base", ["/nonexistent/models/tiny-r1-llama", "../moved/base-model", "~/gone/base"])
 def test_missing_local_base_folder_suggests_model(tmp_path, base):
-    from pmcvqa_sft.errors import InputError
-    from pmcvqa_sft.inference import load_for_inference
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.models.adapters import load_for_inference
     with pytest.raises(InputError) as err:
         load_for_inference(None, str(_adapter(tmp_path, base)), "none", log=lambda *_: None)
     msg = str(err.value)
@@ -27,9 +27,9 @@ def test_adapter_fit_check_uses_the_local_cache_when_the_hub_is_unreachable(tmp_
     """No 27 s of hub retries: with no route to the hub the config is looked up in the local cache only."""
     import transformers
 
-    from pmcvqa_sft import hub
-    from pmcvqa_sft.errors import InputError
-    from pmcvqa_sft.inference import check_adapter_fits
+    from pmcvqa_sft.core import hub
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.models.adapters import check_adapter_fits
     monkeypatch.setattr(hub, "offline", lambda: False)
     monkeypatch.setattr(hub, "unreachable_reason", lambda: "huggingface.co:443 unreachable (test)")
     calls = []

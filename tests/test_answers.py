@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pmcvqa_sft.answers import ScoreItem, extract_answer, reference_score, score_choices, split_reasoning
+from pmcvqa_sft.evaluate.scoring import ScoreItem, reference_score, score_choices
+from pmcvqa_sft.format.answers import extract_answer, split_reasoning
 
 CH = {"A": "Computed tomography", "B": "Magnetic resonance imaging", "C": "Ultrasound", "D": "Lung"}
 CH_SUB = {"A": "Lung", "B": "Lung cancer", "C": "Liver", "D": "Kidney"}

@@ -15,7 +15,7 @@ def two_checkpoints(processed_tiny, tiny_dir, tmp_path_factory):
     """A finished 6-step run with checkpoint-3 and checkpoint-6 (the way a kill leaves them)."""
     import torch
 
-    from pmcvqa_sft.training import run_training
+    from pmcvqa_sft.train.run import run_training
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -45,9 +45,10 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_auto_skips_a_partial_newest_checkpoint(two_checkpoints, tmp_path, damage):
-    from pmcvqa_sft.checkpoints import checkpoint_problem, newest_complete
-    from pmcvqa_sft.errors import InputError
-    from pmcvqa_sft.training import TrainOptions, resolve_resume
+    from pmcvqa_sft.train.checkpoints import checkpoint_problem, newest_complete
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.train.options import TrainOptions
+    from pmcvqa_sft.train.run import resolve_resume
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     assert checkpoint_problem(run / "checkpoint-6") is None  # intact before the damage
@@ -68,7 +69,7 @@ def test_auto_skips_a_partial_newest_checkpoint(two_checkpoints, tmp_path, damag
 
 def test_resume_auto_continues_from_the_older_checkpoint(two_checkpoints, processed_tiny, tiny_dir, tmp_path,
                                                         one_thread):
-    from pmcvqa_sft.training import run_training
+    from pmcvqa_sft.train.run import run_training
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     for name in ("run_card.json", "adapter"):  # as after a kill: the run never finished
@@ -84,7 +85,7 @@ def test_resume_auto_continues_from_the_older_checkpoint(two_checkpoints, proces
     assert any("skipping partial checkpoint" in n and "checkpoint-6" in n for n in notes), notes
     assert (run / "partial-checkpoint-6").is_dir()  # set aside, not deleted
     assert json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6  # saved anew
-    from pmcvqa_sft.checkpoints import checkpoint_problem
+    from pmcvqa_sft.train.checkpoints import checkpoint_problem
     assert checkpoint_problem(run / "checkpoint-6") is None
 
 

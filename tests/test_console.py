@@ -32,8 +32,8 @@ class InterruptingOut(io.StringIO):
 def test_ctrl_c_stops_generation_and_the_console_goes_on(tiny_dir, tiny_tokenizer, monkeypatch, one_thread):
     from transformers import AutoModelForCausalLM
 
-    from pmcvqa_sft.console import run_console
-    from pmcvqa_sft.generation import GenerationSettings
+    from pmcvqa_sft.infer.console import run_console
+    from pmcvqa_sft.infer.generation import GenerationSettings
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
     model.generation_config.min_new_tokens = N_NEW  # no early EOS: only the interrupt can end it sooner
     model.register_forward_pre_hook(lambda *_: time.sleep(0.005))  # a token takes a little while, as on 8B

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pmcvqa_sft import sample_data
-from pmcvqa_sft.data import (V1_COLUMNS, V2_COLUMNS, MCQRecord, ReadStats, clean_cell, clean_choice,
-                             read_pmc_vqa_csv)
-from pmcvqa_sft.sources import PMC_FILES, resolve_data_files
-from pmcvqa_sft.errors import InputError
+from pmcvqa_sft.data import samples as sample_data
+from pmcvqa_sft.data.pmc_vqa import V1_COLUMNS, V2_COLUMNS, MCQRecord, ReadStats, clean_cell, clean_choice, read_pmc_vqa_csv
+from pmcvqa_sft.data.sources import PMC_FILES, resolve_data_files
+from pmcvqa_sft.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -316,7 +315,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     # the tests below fake the hub's answers, so its reachability probe must say "reachable"
     # (the unreachable path has its own test)
-    from pmcvqa_sft import hub
+    from pmcvqa_sft.core import hub
     monkeypatch.setattr(hub, "unreachable_reason", lambda: None)
 
 
@@ -458,7 +457,7 @@ def test_sample_facts_and_texts():
 
 def test_unreachable_hub_fails_fast_with_the_offline_hint(tmp_path, monkeypatch):
     """No HF_HUB_OFFLINE, no route to the hub: one quick error instead of ~23 s of retries."""
-    from pmcvqa_sft import hub
+    from pmcvqa_sft.core import hub
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "unreachable_reason", lambda: "huggingface.co:443 unreachable (test)")

@@ -20,8 +20,8 @@ def _enospc():
 def test_preprocess_disk_full_keeps_the_earlier_output(tmp_path, tiny_dir, monkeypatch):
     from datasets import load_from_disk
 
-    from pmcvqa_sft import preprocess
-    from pmcvqa_sft.errors import InputError
+    from pmcvqa_sft.preprocess import run as preprocess
+    from pmcvqa_sft.core.errors import InputError
     out = tmp_path / "processed"
     preprocess.run_preprocess(data=str(SAMPLE_DIR), tokenizer_name=str(tiny_dir), output_dir=str(out), progress=False)
     report_before = (out / "preprocess_report.json").read_text()
@@ -47,8 +47,8 @@ def test_preprocess_disk_full_keeps_the_earlier_output(tmp_path, tiny_dir, monke
 def test_training_disk_full_during_a_checkpoint(processed_tiny, tiny_dir, tmp_path, monkeypatch, one_thread):
     from transformers import Trainer
 
-    from pmcvqa_sft.errors import InputError
-    from pmcvqa_sft.training import run_training
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.train.run import run_training
 
     def save_then_fill(self, model, trial):
         ckpt = tmp_path / "run" / f"checkpoint-{self.state.global_step}"
@@ -68,7 +68,7 @@ def test_training_disk_full_during_a_checkpoint(processed_tiny, tiny_dir, tmp_pa
 
 
 def test_other_errors_are_not_called_disk_full(tmp_path):
-    from pmcvqa_sft.atomic import disk_full_error
+    from pmcvqa_sft.core.atomic import disk_full_error
     assert disk_full_error(ValueError("bad value"), tmp_path) is None
     assert disk_full_error(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
     assert disk_full_error(_enospc(), tmp_path) is not None

@@ -5,7 +5,8 @@ import copy
 
 import pytest
 
-from pmcvqa_sft import encoding, prompts
+from pmcvqa_sft.format import encoding
+from pmcvqa_sft import prompts
 
 CHOICES4 = {"A": "Magnetic resonance imaging", "B": "Computed tomography", "C": "Ultrasound", "D": "X-ray"}
 CHOICES3 = {"A": "Red", "B": "Blue", "C": "Green"}

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pmcvqa_sft import figures
-from pmcvqa_sft.errors import InputError
-from pmcvqa_sft.figures import FigureSkip, FigureSource
+from pmcvqa_sft.data import figures
+from pmcvqa_sft.core.errors import InputError
+from pmcvqa_sft.data.figures import FigureSkip, FigureSource
 
 
 def png(size=(40, 30), mode="RGB", color=(200, 10, 10)) -> bytes:
@@ -239,7 +239,7 @@ class FakeHub:
 def fake_hub(monkeypatch, tmp_path):
     import huggingface_hub
 
-    from pmcvqa_sft import hub
+    from pmcvqa_sft.core import hub
     z = write_zip(tmp_path / "images_2.zip", {"figures/a.png": png()})
     fake = FakeHub({"images_2.zip": str(z)}, {"images_2.zip": 2_200_000_000})
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.download)

@@ -47,26 +47,26 @@ def _one_thread_module():
 
 @pytest.fixture(scope="session")
 def known_rows():
-    from pmcvqa_sft.quick_adapter import sample_rows
+    from pmcvqa_sft.train.quick_adapter import sample_rows
     return sample_rows("test")[:N_TRAIN]
 
 
 @pytest.fixture(scope="session")
 def adapter_dir(tiny_dir, known_rows) -> Path:
-    from pmcvqa_sft.quick_adapter import train_quick_adapter
+    from pmcvqa_sft.train.quick_adapter import train_quick_adapter
     with one_thread():
         return train_quick_adapter(tiny_dir, STEPS, rows=known_rows, lr=LR)
 
 
 @pytest.fixture(scope="session")
 def loaded(adapter_dir):
-    from pmcvqa_sft.inference import load_for_inference
+    from pmcvqa_sft.models.adapters import load_for_inference
     return load_for_inference(None, str(adapter_dir), "none", log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
 def eval_rows(processed_tiny):
-    from pmcvqa_sft.evaluation import load_eval_rows
+    from pmcvqa_sft.evaluate.accuracy import load_eval_rows
     rows, _ = load_eval_rows(processed_tiny, "test")
     return rows
 
@@ -74,7 +74,7 @@ def eval_rows(processed_tiny):
 def _cli(argv, capsys):
     """inference_example.main in-process under run_main: (exit code, stdout, stderr)."""
     import inference_example
-    from pmcvqa_sft.errors import run_main
+    from pmcvqa_sft.core.errors import run_main
     capsys.readouterr()  # drop what earlier steps printed
     with pytest.raises(SystemExit) as exc:
         run_main(lambda: inference_example.main(argv))
@@ -83,7 +83,7 @@ def _cli(argv, capsys):
 
 
 def test_score_and_generate_agree(loaded, known_rows):
-    from pmcvqa_sft.evaluation import evaluate_model
+    from pmcvqa_sft.evaluate.accuracy import evaluate_model
     m, t = loaded.model, loaded.tokenizer
     ps, ms = evaluate_model(m, t, known_rows, "score", batch_size=8, progress=False)
     pg, mg = evaluate_model(m, t, known_rows, "generate", batch_size=8, max_new_tokens=48, progress=False)
@@ -94,9 +94,9 @@ def test_score_and_generate_agree(loaded, known_rows):
 
 
 def test_batched_greedy_generation_equals_unbatched(loaded, eval_rows):
-    from pmcvqa_sft.encoding import render_prompt
-    from pmcvqa_sft.generation import GenerationSettings, generate_batch
-    from pmcvqa_sft.inference import build_messages
+    from pmcvqa_sft.format.encoding import render_prompt
+    from pmcvqa_sft.infer.generation import GenerationSettings, generate_batch
+    from pmcvqa_sft.infer.answer import build_messages
     t = loaded.tokenizer
     prompts = [render_prompt(t, build_messages(r["question"], r["choices"])) for r in eval_rows[:6]]
     prompts.append(render_prompt(t, build_messages("What does a Prussian blue stain show?", None)))
@@ -109,7 +109,7 @@ def test_batched_greedy_generation_equals_unbatched(loaded, eval_rows):
 
 
 def test_answer_question_api(loaded, adapter_dir, known_rows):
-    from pmcvqa_sft.inference import answer_question
+    from pmcvqa_sft.infer.answer import answer_question
     row = known_rows[0]
     q, ch, gold = row["question"], list(row["choices"].values()), row["answer_label"]
     a = answer_question(q, ch, loaded.model, loaded.tokenizer, greedy=True, max_new_tokens=48)
@@ -124,13 +124,13 @@ def test_answer_question_api(loaded, adapter_dir, known_rows):
 
 
 def test_adapter_in_subfolder_and_tokenizer_from_output(adapter_dir, tmp_path):
-    from pmcvqa_sft.encoding import template_hash
-    from pmcvqa_sft.inference import _base_and_tokenizer
+    from pmcvqa_sft.format.encoding import template_hash
+    from pmcvqa_sft.models.adapters import base_and_tokenizer
     out = tmp_path / "run"
     (out / "adapter").mkdir(parents=True)
     for f in adapter_dir.iterdir():
         shutil.copy(f, (out / "adapter" if f.name.startswith("adapter_") else out) / f.name)
-    base, tok, adir, card = _base_and_tokenizer(None, str(out))
+    base, tok, adir, card = base_and_tokenizer(None, str(out))
     assert adir == out / "adapter" and card["steps"] == STEPS
     assert template_hash(tok) == card["template_hash"]
 
@@ -171,7 +171,7 @@ def test_merged_model_matches_base_plus_adapter(loaded, adapter_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pmcvqa_sft.inference import merge_and_save
+    from pmcvqa_sft.models.adapters import merge_and_save
     out = merge_and_save(str(adapter_dir), tmp_path / "merged", log=lambda *_: None)
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     ids = loaded.tokenizer("<｜User｜>Which organ produces bile?<｜Assistant｜><think>\n",
@@ -215,7 +215,7 @@ def bad_datasets(tmp_path_factory):
 
 
 def test_bad_inputs_one_line_errors(adapter_dir, tiny_dir, bad_datasets, tmp_path, capsys):
-    from pmcvqa_sft.encoding import PLAIN_CHAT_TEMPLATE
+    from pmcvqa_sft.format.encoding import PLAIN_CHAT_TEMPLATE
     no_cols, empty = bad_datasets
     a = ["--adapter", str(adapter_dir), "--quantization", "none"]
     cases = [
@@ -251,8 +251,8 @@ def test_bad_input_through_the_real_cli():
 
 def test_overwrite_never_replaces_a_foreign_folder(tmp_path):
     """--evaluate/--merge_and_save --overwrite replace only their own earlier output (not a training run)."""
-    from pmcvqa_sft import evaluation
-    from pmcvqa_sft.errors import InputError
+    from pmcvqa_sft.evaluate import accuracy as evaluation
+    from pmcvqa_sft.core.errors import InputError
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "run_card.json").write_text("{}")
@@ -268,10 +268,10 @@ def test_score_refuses_a_reasoning_dataset(processed_tiny):
     """--reasoning brief datasets train a rationale first: --method score would score another format."""
     from types import SimpleNamespace
 
-    from pmcvqa_sft import evaluation
-    from pmcvqa_sft.errors import InputError
+    from pmcvqa_sft.evaluate import accuracy as evaluation
+    from pmcvqa_sft.core.errors import InputError
     rows, report = evaluation.load_eval_rows(processed_tiny, "test", 2)
-    loaded = SimpleNamespace(has_adapter=False, tokenizer=None, system_prompt=None)
+    loaded = SimpleNamespace(has_adapter=False, tokenizer=None, system_prompt=None, processor=None)
     with pytest.raises(InputError, match="--method generate"):
         evaluation.run_evaluation(loaded, processed_tiny, method="score", data=(rows, {**report, "reasoning": "brief"}))
 
@@ -313,9 +313,9 @@ def test_truncated_rows_are_evaluated_with_the_trained_prompt(loaded, known_rows
 
     import torch
 
-    from pmcvqa_sft import evaluation
-    from pmcvqa_sft.dataset_io import load_processed
-    from pmcvqa_sft.preprocess import run_preprocess
+    from pmcvqa_sft.evaluate import accuracy as evaluation
+    from pmcvqa_sft.data.store import load_processed
+    from pmcvqa_sft.preprocess.run import run_preprocess
 
     def write(path, long_rows):
         with open(path, "w", newline="", encoding="utf-8") as f:

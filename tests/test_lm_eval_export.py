@@ -23,7 +23,7 @@ N_ROWS = 40  # the 16 questions the adapter learnt and 24 it did not: an accurac
 
 @pytest.fixture(scope="module")
 def exported(adapter_dir, processed_tiny, tmp_path_factory):
-    from pmcvqa_sft.lm_eval_task import export
+    from pmcvqa_sft.evaluate.lm_eval import export
     out = tmp_path_factory.mktemp("lm-eval") / "task"
     export(out, processed_tiny, "test", N_ROWS, adapter=str(adapter_dir), log=lambda *_: None)
     return out
@@ -31,10 +31,10 @@ def exported(adapter_dir, processed_tiny, tmp_path_factory):
 
 def test_exported_text_is_the_scorers_tokens(exported, adapter_dir, processed_tiny):
     from pmcvqa_sft import prompts
-    from pmcvqa_sft.answers import ScoreItem, build_score_rows
-    from pmcvqa_sft.encoding import PromptEncoder, encode_text
-    from pmcvqa_sft.evaluation import load_eval_rows
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.evaluate.scoring import ScoreItem, build_score_rows
+    from pmcvqa_sft.format.encoding import PromptEncoder, encode_text
+    from pmcvqa_sft.evaluate.accuracy import load_eval_rows
+    from pmcvqa_sft.models.loading import load_tokenizer
     tok = load_tokenizer(str(adapter_dir))
     docs = [json.loads(x) for x in (exported / "pmcvqa_test.jsonl").read_text().splitlines()]
     rows, _ = load_eval_rows(processed_tiny, "test", N_ROWS)
@@ -51,7 +51,7 @@ def test_exported_text_is_the_scorers_tokens(exported, adapter_dir, processed_ti
 
 def test_export_refuses_to_overwrite(exported, adapter_dir, processed_tiny, capsys):
     import inference_example
-    from pmcvqa_sft.errors import run_main
+    from pmcvqa_sft.core.errors import run_main
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         run_main(lambda: inference_example.main(["--adapter", str(adapter_dir), "--export_lm_eval", str(exported),
@@ -62,8 +62,8 @@ def test_export_refuses_to_overwrite(exported, adapter_dir, processed_tiny, caps
 @pytest.mark.slow
 def test_lm_eval_acc_equals_the_toolkit_score_accuracy(exported, adapter_dir, processed_tiny, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install -r requirements-test.txt")
-    from pmcvqa_sft.evaluation import evaluate_model, load_eval_rows
-    from pmcvqa_sft.inference import load_for_inference
+    from pmcvqa_sft.evaluate.accuracy import evaluate_model, load_eval_rows
+    from pmcvqa_sft.models.adapters import load_for_inference
     meta = json.loads((exported / "lm_eval_export.json").read_text())
     cmd = meta["lm_eval_command"].split()
     assert cmd[:3] == ["lm_eval", "--model", "hf"] and f"peft={adapter_dir.resolve()}" in cmd[4]
@@ -101,13 +101,14 @@ def test_export_scores_what_evaluate_scores_on_truncated_rows(adapter_dir, tiny_
     must hold the same tokens: the scorer's inputs are recorded (the real scorer runs) and compared."""
     from datasets import load_from_disk
 
-    from pmcvqa_sft import answers, prompts
-    from pmcvqa_sft.encoding import PromptEncoder, encode_text
-    from pmcvqa_sft.evaluation import run_evaluation
-    from pmcvqa_sft.inference import load_for_inference
-    from pmcvqa_sft.lm_eval_task import export
-    from pmcvqa_sft.modeling import load_tokenizer
-    from pmcvqa_sft.preprocess import run_preprocess
+    from pmcvqa_sft.evaluate import scoring
+    from pmcvqa_sft import prompts
+    from pmcvqa_sft.format.encoding import PromptEncoder, encode_text
+    from pmcvqa_sft.evaluate.accuracy import run_evaluation
+    from pmcvqa_sft.models.adapters import load_for_inference
+    from pmcvqa_sft.evaluate.lm_eval import export
+    from pmcvqa_sft.models.loading import load_tokenizer
+    from pmcvqa_sft.preprocess.run import run_preprocess
     data = tmp_path / "data"
     run_preprocess(data=str(ROOT / "data" / "sample"), tokenizer_name=str(tiny_dir), output_dir=str(data),
                    max_length=92, max_samples=200, progress=False)
@@ -121,13 +122,13 @@ def test_export_scores_what_evaluate_scores_on_truncated_rows(adapter_dir, tiny_
     assert stored_differs > 0  # the case this test is about is really present
 
     scored = []
-    real = answers._score_batch
+    real = scoring._score_batch
 
     def record(model, pad_id, batch):
         scored.extend((tuple(p), tuple(map(tuple, t))) for p, _letters, t, _nb in batch)
         return real(model, pad_id, batch)
 
-    monkeypatch.setattr(answers, "_score_batch", record)
+    monkeypatch.setattr(scoring, "_score_batch", record)
     loaded = load_for_inference(None, str(adapter_dir), "none", log=lambda *_: None)
     with one_thread():
         run_evaluation(loaded, data, "test", batch_size=16, method="score", log=lambda *_: None)
@@ -136,3 +137,26 @@ def test_export_scores_what_evaluate_scores_on_truncated_rows(adapter_dir, tiny_
     exported = [(tuple(encode_text(tok, d["context"])), tuple(tuple(encode_text(tok, c)) for c in d["choices"]))
                 for d in docs]
     assert len(exported) == len(scored) and sorted(exported) == sorted(scored)
+
+
+def test_export_without_a_model_uses_the_datasets_tokenizer(processed_tiny, tmp_path, tiny_dir, capsys):
+    """No --adapter/--model: the export is for the model the dataset was preprocessed with (the tiny folder),
+    not the hub default (offline: a hub error); its token ids are that tokenizer's."""
+    import inference_example
+    from pmcvqa_sft.core.errors import run_main
+    from pmcvqa_sft.models.loading import load_tokenizer
+    from pmcvqa_sft.format.encoding import encode_text
+    out = tmp_path / "task"
+    run_main_code = None
+    try:
+        run_main(lambda: inference_example.main(["--export_lm_eval", str(out), "--dataset_dir", str(processed_tiny),
+                                                 "--num_samples", "3"]))
+    except SystemExit as exc:
+        run_main_code = exc.code
+    assert run_main_code in (None, 0), capsys.readouterr().err
+    meta = json.loads((out / "lm_eval_export.json").read_text())
+    assert meta["base_model"] == str(tiny_dir) and meta["n"] == 3
+    tok = load_tokenizer(str(tiny_dir))
+    doc = json.loads((out / "pmcvqa_test.jsonl").read_text().splitlines()[0])
+    assert doc["context"].count(tok.bos_token) == 1 and encode_text(tok, doc["context"])
+    assert f"exporting for '{tiny_dir}'" in capsys.readouterr().out

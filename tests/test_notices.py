@@ -18,7 +18,7 @@ def _assert_quiet(text: str):
 
 
 def test_preprocess_logs_no_notices(tmp_path, tiny_dir, capfd):
-    from pmcvqa_sft.preprocess import run_preprocess
+    from pmcvqa_sft.preprocess.run import run_preprocess
     rows = list(csv.reader(open(SAMPLE_DIR / "train.csv", newline="", encoding="utf-8")))
     header, first = rows[0], rows[1]
     long_row = list(first)
@@ -33,7 +33,7 @@ def test_preprocess_logs_no_notices(tmp_path, tiny_dir, capfd):
 
 
 def test_tiny_training_setup_logs_no_notices(processed_tiny, tiny_dir, tmp_path, capfd, one_thread):
-    from pmcvqa_sft.training import setup_run
+    from pmcvqa_sft.train.run import setup_run
     capfd.readouterr()
     run = setup_run(small_opts(processed_tiny, tmp_path / "run", model=str(tiny_dir), max_steps=1),
                     log=lambda *_: None)
@@ -46,7 +46,7 @@ def test_evaluation_logs_no_progress_fragments(processed_tiny, tiny_dir, capfd, 
     """Scoring and generating (as --evaluate runs them) leave no bar fragments in a non-terminal log."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pmcvqa_sft.evaluation import evaluate_model, load_eval_rows
+    from pmcvqa_sft.evaluate.accuracy import evaluate_model, load_eval_rows
     rows, _ = load_eval_rows(processed_tiny, "test", num_samples=20)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)

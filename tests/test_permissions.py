@@ -17,7 +17,7 @@ def _umask() -> int:
 
 
 def test_atomic_dir_follows_the_umask(tmp_path):
-    from pmcvqa_sft.atomic import atomic_dir
+    from pmcvqa_sft.core.atomic import atomic_dir
     old = os.umask(0o022)
     try:
         with atomic_dir(tmp_path / "a") as tmp:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pmcvqa_sft import encoding, prompts
-from pmcvqa_sft.dataset_io import EXAMPLES_NAME, REPORT_NAME, load_processed, row_choices
-from pmcvqa_sft.errors import InputError
-from pmcvqa_sft.modeling import DEFAULT_MODEL
-from pmcvqa_sft.encoding import FastPromptEncoder
-from pmcvqa_sft.preprocess import parse_val_size, run_preprocess
+from pmcvqa_sft.format import encoding
+from pmcvqa_sft import prompts
+from pmcvqa_sft.data.store import EXAMPLES_NAME, REPORT_NAME, load_processed, row_choices
+from pmcvqa_sft.core.errors import InputError
+from pmcvqa_sft.core.paths import DEFAULT_MODEL
+from pmcvqa_sft.format.encoding import FastPromptEncoder
+from pmcvqa_sft.preprocess.run import parse_val_size, run_preprocess
 from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_report_fields_are_consistent(processed_tiny, tiny_tokenizer):
 
 
 def test_tokenizer_hash_sees_merges_and_ids_not_runtime_state(tiny_dir, tiny_tokenizer, tmp_path):
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.models.loading import load_tokenizer
     base = encoding.tokenizer_hash(tiny_tokenizer)
     assert len(base) == 64 and encoding.tokenizer_hash(load_tokenizer(str(tiny_dir))) == base  # stable
     tiny_tokenizer.padding_side = "left"  # run-time state is not part of it
@@ -248,7 +249,7 @@ def test_val_size_parsing():
 @pytest.mark.parametrize("bad", ["inf", "nan"])
 def test_val_size_not_finite_is_one_line_error_before_tokenizer(bad, tmp_path, capsys):
     import preprocess_pmc_vqa_for_sft as script
-    from pmcvqa_sft.errors import run_main
+    from pmcvqa_sft.core.errors import run_main
     with pytest.raises(SystemExit) as exc:  # a tokenizer that does not exist: the check comes first
         run_main(lambda: script.main(["--data", str(SAMPLE), "--tokenizer", str(tmp_path / "no-tok"),
                                       "--output_dir", str(tmp_path / "out"), "--val_size", bad]))
@@ -429,7 +430,7 @@ def test_script_end_to_end_and_user_check_script(tmp_path, tiny_dir):
 
 # ---------------------------------------------------------------- the fast path is checked
 def test_shared_prefix_cache_is_exact_and_falls_back(tiny_tokenizer, real_tokenizer, monkeypatch):
-    from pmcvqa_sft import encoding as preprocess  # the fast path lives in encoding.py
+    from pmcvqa_sft.format import encoding as preprocess
     users = [prompts.format_user_prompt(q, c) for q, c in (
         ("Which organ produces bile?", {"A": "Liver", "B": "Heart"}),
         ("3D reconstruction: which bone?", {"A": "Femur", "B": "Tibia", "C": "Ulna"}),
@@ -452,7 +453,7 @@ def test_shared_prefix_cache_is_exact_and_falls_back(tiny_tokenizer, real_tokeni
 
 
 def test_backend_padding_state_left_by_an_earlier_call_is_cleared(tiny_tokenizer):
-    from pmcvqa_sft.encoding import batch_ids
+    from pmcvqa_sft.format.encoding import batch_ids
     backend = tiny_tokenizer.backend_tokenizer
     try:
         tiny_tokenizer("x", padding="max_length", max_length=64, truncation=True)  # leaves padding on
@@ -528,7 +529,7 @@ def test_tokenizer_without_vocabulary_is_refused(tmp_path, capsys):
     """A folder with only tokenizer_config.json loads as a tokenizer of special tokens alone: every
     question and answer would encode to nothing (6-token rows, exit 0). Refused in one line."""
     import preprocess_pmc_vqa_for_sft as script
-    from pmcvqa_sft.errors import run_main
+    from pmcvqa_sft.core.errors import run_main
     folder = tmp_path / "config_only"  # like the real model folder without tokenizer.json
     folder.mkdir()
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -550,8 +551,8 @@ def _ascii_only_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from pmcvqa_sft import sample_data
-    from pmcvqa_sft.modeling import PROBE_TEXT
+    from pmcvqa_sft.data import samples as sample_data
+    from pmcvqa_sft.models.loading import PROBE_TEXT
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     text = [*sample_data.all_text(), PROBE_TEXT, "### Question: Response: Answer: <think> </think>"]
@@ -560,7 +561,7 @@ def _ascii_only_tokenizer():
 
 
 def test_rows_that_encode_to_nothing_are_skipped_and_named(tmp_path):
-    from pmcvqa_sft.modeling import covers_all_text
+    from pmcvqa_sft.models.loading import covers_all_text
     tok = _ascii_only_tokenizer()
     assert not covers_all_text(tok)
     rows = simple_rows(4) + [("\u809d\u810f\u4ea7\u751f\u4ec0\u4e48\uff1f", ["A: Liver", "B:Heart"], "A"),

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pmcvqa_sft import figures, prompts, vision_sample
-from pmcvqa_sft.dataset_io import row_choices
-from pmcvqa_sft.encoding import IGNORE_INDEX
-from pmcvqa_sft.errors import InputError
-from pmcvqa_sft.preprocess import run_preprocess
-from pmcvqa_sft.preprocess_vision import VisionPrep
-from pmcvqa_sft.vision_processor import (expand_image_tokens, image_token_id, load_processor,
-                                         num_image_tokens, processor_size)
+from pmcvqa_sft.data import figures, samples as vision_sample
+from pmcvqa_sft import prompts
+from pmcvqa_sft.data.store import row_choices
+from pmcvqa_sft.format.encoding import IGNORE_INDEX
+from pmcvqa_sft.core.errors import InputError
+from pmcvqa_sft.preprocess.run import run_preprocess
+from pmcvqa_sft.preprocess.media import VisionPrep
+from pmcvqa_sft.format.media import expand_image_tokens, image_token_id, num_image_tokens, processor_size
+from pmcvqa_sft.models.loading import load_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample_vision"
@@ -66,7 +67,8 @@ def test_columns_report_and_no_pixels(processed):
     assert (img["kind"], img["prefix"], img["checked"], img["rows_checked"]) == ("zip", "figures", 1000, 1000)
     assert img["figures_used"] == 1000 and img["skipped"] == {} and img["root"] == str(ZIP.resolve())
     assert img["image_tokens"]["min"] == img["image_tokens"]["max"] == 16
-    from pmcvqa_sft import vision_collate, vision_processor
+    from pmcvqa_sft.data import collate as vision_collate
+    from pmcvqa_sft.format import media as vision_processor
     assert vision_processor.DEFAULT_MAX_PIXELS == vision_collate.DEFAULT_MAX_PIXELS  # one default, two homes
     assert report["image_processor"]["max_pixels"] == vision_processor.DEFAULT_MAX_PIXELS  # training's default cap
     assert report["image_processor"]["max_pixels_arg"] is None and report["image_processor"]["image_token"] == "<|image_pad|>"
@@ -245,7 +247,7 @@ def test_no_usable_training_figure_is_one_line_error(tmp_path, proc):
 def run_script(argv, capsys):
     import preprocess_pmc_vqa_for_sft as script
     with pytest.raises(SystemExit) as e:
-        from pmcvqa_sft.errors import run_main
+        from pmcvqa_sft.core.errors import run_main
         run_main(lambda: script.main(argv))
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
@@ -307,7 +309,7 @@ def test_image_preprocessing_needs_no_torch(tmp_path):
     import subprocess
     import sys
 
-    from pmcvqa_sft.tiny_vision import ensure_tiny_vision
+    from pmcvqa_sft.models.tiny import ensure_tiny_vision
     folder = ensure_tiny_vision()
     (tmp_path / "run.py").write_text(TORCH_BLOCKER)
     out = subprocess.run([sys.executable, str(tmp_path / "run.py"), "--data", str(SAMPLE), "--images", str(ZIP),
@@ -328,7 +330,7 @@ def test_text_datasets_say_text(processed_tiny):
 def test_images_hub_downloads_archive_only_when_asked(tmp_path, proc, monkeypatch):
     import huggingface_hub
 
-    from pmcvqa_sft import hub
+    from pmcvqa_sft.core import hub
     calls = []
     files = {"train.csv": SAMPLE / "train_2.csv", "test_clean.csv": SAMPLE / "test_2.csv", "images_2.zip": ZIP}
 
@@ -359,7 +361,7 @@ def test_images_hub_downloads_archive_only_when_asked(tmp_path, proc, monkeypatc
 
 # ---------------------------------------------------------------- the bundled image sample
 def test_bundled_sample_is_what_the_generator_writes(tmp_path):
-    vision_sample.write_sample(tmp_path)
+    vision_sample.write_vision_sample(tmp_path)
     for name in ("train_2.csv", "test_2.csv"):
         assert (tmp_path / name).read_text() == (SAMPLE / name).read_text()
     with zipfile.ZipFile(tmp_path / "images_2.zip") as a, zipfile.ZipFile(ZIP) as b:
@@ -373,7 +375,7 @@ def test_bundled_sample_is_what_the_generator_writes(tmp_path):
 
 
 def test_bundled_sample_needs_the_figure():
-    files, figs = vision_sample.build_sample()
+    files, figs = vision_sample.build_vision_sample()
     train, test = files["train_2.csv"][1:], files["test_2.csv"][1:]
     assert len(train) == 800 and len(test) == 200
     assert not {r[1] for r in train} & {r[1] for r in test}  # test figures are unseen
@@ -395,7 +397,7 @@ def figures_colour(row) -> str:
 
 def test_square_colour_is_in_the_figure():
     """The gold colour is drawn in the figure; no distractor colour is."""
-    files, figs = vision_sample.build_sample()
+    files, figs = vision_sample.build_vision_sample()
     for row in files["test_2.csv"][1:30]:
         im = figures.to_rgb(Image.open(io.BytesIO(figs[row[1]])))
         px = {tuple(p) for p in np.asarray(im).reshape(-1, 3).astype(int).tolist()}

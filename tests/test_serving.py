@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def _cli(argv, capsys):
     import inference_example
-    from pmcvqa_sft.errors import run_main
+    from pmcvqa_sft.core.errors import run_main
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         run_main(lambda: inference_example.main(argv))
@@ -81,8 +81,8 @@ def test_port_in_use_is_one_line(adapter_dir, capsys):
 
 
 def test_engine_dying_before_ready_is_one_line_and_open_host_warns(tmp_path):
-    from pmcvqa_sft import serving
-    from pmcvqa_sft.errors import InputError
+    from pmcvqa_sft.infer import serving
+    from pmcvqa_sft.core.errors import InputError
     said = []
     with pytest.raises(InputError, match="exited with code 3 before it was ready"):
         serving.run_engine([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path, "0.0.0.0", _free_port(),
@@ -91,8 +91,8 @@ def test_engine_dying_before_ready_is_one_line_and_open_host_warns(tmp_path):
 
 
 def test_vllm_command_carries_the_run_settings(adapter_dir, tmp_path, monkeypatch):
-    from pmcvqa_sft import serving
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.infer import serving
+    from pmcvqa_sft.models.loading import load_tokenizer
     monkeypatch.chdir(tmp_path)
     prep = serving.prepare_vllm(str(adapter_dir), None, "cache", name="my-run", log=lambda *_: None)
     cmd = serving.vllm_command(prep, "127.0.0.1", 8123)
@@ -112,8 +112,8 @@ def test_vllm_command_carries_the_run_settings(adapter_dir, tmp_path, monkeypatc
 
 
 def test_served_template_injects_the_run_card_system_prompt(tiny_tokenizer):
-    from pmcvqa_sft.encoding import render_prompt
-    from pmcvqa_sft.serving import served_chat_template
+    from pmcvqa_sft.format.encoding import render_prompt
+    from pmcvqa_sft.infer.serving import served_chat_template
     tok = __import__("copy").deepcopy(tiny_tokenizer)
     user = [{"role": "user", "content": "Q?"}]
     expected = render_prompt(tok, [{"role": "system", "content": "Be brief."}] + user)
@@ -124,8 +124,8 @@ def test_served_template_injects_the_run_card_system_prompt(tiny_tokenizer):
 
 
 def test_merge_cache_is_keyed_on_the_adapter(adapter_dir, tmp_path):
-    from pmcvqa_sft import serving
-    from pmcvqa_sft.inference import training_files
+    from pmcvqa_sft.infer import serving
+    from pmcvqa_sft.models.adapters import training_files
     run = tmp_path / "run"
     shutil.copytree(adapter_dir, run)
     key = lambda: serving.adapter_key(run, training_files(run)[0], "base", None)  # noqa: E731
@@ -194,10 +194,10 @@ def _question(known_rows):
 def test_openai_client_gets_the_answer_question_answer(served, adapter_dir, known_rows):
     from openai import OpenAI
 
-    from pmcvqa_sft.answers import extract_answer
-    from pmcvqa_sft.encoding import encode_text, render_prompt
-    from pmcvqa_sft.inference import answer_question, build_messages
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.format.answers import extract_answer
+    from pmcvqa_sft.format.encoding import encode_text, render_prompt
+    from pmcvqa_sft.infer.answer import answer_question, build_messages
+    from pmcvqa_sft.models.loading import load_tokenizer
     srv, base_url, port, _ = served
     assert base_url == f"http://127.0.0.1:{port}/v1"
     assert any(line.startswith("curl -s " + base_url) for line in srv.lines)
@@ -258,8 +258,8 @@ def test_served_tokenizer_splits_reasoning_from_the_answer(served, known_rows):
 
     from transformers.cli.serving.utils import parse_assistant_message
 
-    from pmcvqa_sft.encoding import encode_text, render_prompt
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.format.encoding import encode_text, render_prompt
+    from pmcvqa_sft.models.loading import load_tokenizer
     _srv, _url, _port, cache = served
     tok = load_tokenizer(str(next(Path(cache).glob("*/tiny-run"))))
     _row, user = _question(known_rows)
@@ -277,8 +277,8 @@ def test_server_stops_cleanly_and_the_merge_is_reused(served, adapter_dir):
     assert srv.lines[-1] == "engine stopped"
     with pytest.raises(ConnectionRefusedError):  # the engine is gone: nothing listens there any more
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
-    serving_mod = __import__("pmcvqa_sft.serving", fromlist=["check_port_free"])
+    serving_mod = __import__("pmcvqa_sft.infer.serving", fromlist=["check_port_free"])
     serving_mod.check_port_free("127.0.0.1", port)  # a restart may take the port again
-    from pmcvqa_sft import serving
+    from pmcvqa_sft.infer import serving
     prep = serving.prepare_merged(str(adapter_dir), None, cache, name="tiny-run", log=lambda *_: None)
     assert prep.reused and (prep.model_dir / "config.json").is_file()

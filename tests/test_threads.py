@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture()
 def restore_threads(monkeypatch):
-    from pmcvqa_sft import threads
+    from pmcvqa_sft.core import threads
     n = torch.get_num_threads()
     monkeypatch.delenv(threads.ENV, raising=False)
     monkeypatch.setattr(threads, "_explicit", None)
@@ -17,7 +17,7 @@ def restore_threads(monkeypatch):
 
 
 def test_tiny_model_gets_one_thread(restore_threads, tiny_dir):
-    from pmcvqa_sft.modeling import load_model
+    from pmcvqa_sft.models.loading import load_model
     th = restore_threads
     assert th.choose_threads("tiny") == 1 and th.choose_threads(str(tiny_dir)) == 1
     torch.set_num_threads(2)
@@ -36,7 +36,7 @@ def test_explicit_choice_wins_and_is_remembered(restore_threads, monkeypatch):
 
 @pytest.mark.parametrize("env,threads", [("two", None), (None, 0)])
 def test_bad_thread_counts_are_one_line_errors(restore_threads, monkeypatch, env, threads):
-    from pmcvqa_sft.errors import InputError
+    from pmcvqa_sft.core.errors import InputError
     th = restore_threads
     if env:
         monkeypatch.setenv(th.ENV, env)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pmcvqa_sft import tiny_vision, vision_processor as vp
+from pmcvqa_sft.models import tiny as tiny_vision
+from pmcvqa_sft.format import media as vp
+from pmcvqa_sft.models.loading import load_processor
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,7 @@ def tv_dir():
 
 @pytest.fixture(scope="module")
 def proc(tv_dir):
-    return vp.load_processor(str(tv_dir))
+    return load_processor(str(tv_dir))
 
 
 def conversation(n_images=1, text="What colour is the square?"):
@@ -32,7 +34,7 @@ def test_build_offline_writes_model_tokenizer_processor(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
             "chat_template.jinja", "generation_config.json", "tiny_vision_build.json"} <= names
     stamp = json.loads((out / "tiny_vision_build.json").read_text())
-    assert stamp["recipe"] == tiny_vision._recipe_key()
+    assert stamp["recipe"] == tiny_vision._vision_recipe_key()
     assert 500_000 < stamp["parameters"] < 800_000
     with pytest.raises(FileExistsError):
         tiny_vision.build_tiny_vision(out)
@@ -140,7 +142,7 @@ def test_load_processor_from_hub_layout_folder(tmp_path, proc):
         "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2_5_VLProcessor"}))
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'X' }}"}))
-    loaded = vp.load_processor(str(folder))
+    loaded = load_processor(str(folder))
     assert vp.image_settings(loaded.image_processor)["max_pixels"] == 12845056
     assert vp.num_image_tokens(448, 448, loaded.image_processor) == 256
     assert loaded.chat_template == "{{ 'X' }}"  # the processor's template wins over the tokenizer's
@@ -151,5 +153,5 @@ def test_ensure_rebuilds_on_stale_stamp(tmp_path):
     stamp = out / "tiny_vision_build.json"
     stamp.write_text(json.dumps({"recipe": "stale"}))
     assert tiny_vision.ensure_tiny_vision(out, log=lambda *_: None) == out
-    assert json.loads(stamp.read_text())["recipe"] == tiny_vision._recipe_key()
+    assert json.loads(stamp.read_text())["recipe"] == tiny_vision._vision_recipe_key()
     shutil.rmtree(out)

@@ -18,7 +18,7 @@ SCRIPT = ROOT / "train_sft_example.py"
 
 
 def small_opts(dataset_dir, out, **kw):
-    from pmcvqa_sft.training import TrainOptions
+    from pmcvqa_sft.train.options import TrainOptions
     base = dict(dataset_dir=str(dataset_dir), model=kw.pop("model"), output_dir=str(out), quantization="8bit",
                 max_steps=12, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                 learning_rate=2e-3, warmup_steps=0, eval_steps=6, logging_steps=1, max_samples=96,
@@ -37,7 +37,7 @@ def script_env(**extra):
 def test_collator_masks_padding_by_position_and_trains_eos(processed_tiny, tiny_tokenizer):
     from datasets import load_from_disk
 
-    from pmcvqa_sft.collate import SFTCollator
+    from pmcvqa_sft.data.collate import SFTCollator
     tok = tiny_tokenizer
     assert tok.pad_token_id == tok.eos_token_id  # the trap this guards against
     ds = load_from_disk(str(processed_tiny))["train"]
@@ -61,7 +61,7 @@ def test_collator_masks_padding_by_position_and_trains_eos(processed_tiny, tiny_
         assert tok.decode(trained[:-1]).strip().endswith(f"Answer: {f['answer_label']}. "
                                                           f"{f['choices'][f['answer_label']]}")
     # what the model is given: logits kept only where a target is predicted, with the labels they predict
-    from pmcvqa_sft.training import target_logits_only
+    from pmcvqa_sft.data.collate import target_logits_only
     given = target_logits_only(batch)
     keep, shift = given["logits_to_keep"], given["shift_labels"]
     assert keep.numel() < width  # the prompt-only positions are skipped
@@ -73,7 +73,7 @@ def test_collator_masks_padding_by_position_and_trains_eos(processed_tiny, tiny_
 
 
 def test_length_grouping_keeps_padding_small_and_is_seeded():
-    from pmcvqa_sft.collate import EpochLengthGroupedSampler, real_token_share
+    from pmcvqa_sft.data.collate import EpochLengthGroupedSampler, real_token_share
     g = torch.Generator().manual_seed(0)
     # PMC-VQA-like lengths with the real tokenizer: ~90-400 tokens, long right tail
     lengths = torch.empty(4000).log_normal_(5.0, 0.35, generator=g).clamp(60, 1024).long().tolist()
@@ -106,7 +106,7 @@ def _snapshot(model):
 def test_lora_learns_on_quantized_base(quant, processed_tiny, tiny_dir, tmp_path, one_thread):
     import bitsandbytes as bnb
 
-    from pmcvqa_sft.training import setup_run
+    from pmcvqa_sft.train.run import setup_run
     run = setup_run(small_opts(processed_tiny, tmp_path / "run", model=str(tiny_dir), quantization=quant),
                     log=lambda *_: None)
     model = run.trainer.model
@@ -130,7 +130,7 @@ def test_end_to_end_outputs_and_exact_resume(processed_tiny, tiny_dir, tmp_path,
     """Uninterrupted run vs. SIGKILL after checkpoint 6 + `--resume_from_checkpoint auto`: same losses."""
     from peft import AutoPeftModelForCausalLM
 
-    from pmcvqa_sft.training import run_training
+    from pmcvqa_sft.train.run import run_training
     # 4 steps per epoch, so the kill lands mid epoch 2 and the resumed part crosses into epoch 3
     common = dict(max_samples=32, max_steps=10, eval_steps=3, save_total_limit=3, quantization="8bit",
                   lora_dropout=0.1, learning_rate=1e-3)

@@ -15,7 +15,7 @@ from conftest import HANG_GUARD_S
 def run_main_in_process(argv, capsys):
     """The script's main() under run_main, as the shell runs it: (exit code, stderr lines)."""
     import train_sft_example
-    from pmcvqa_sft.errors import run_main
+    from pmcvqa_sft.core.errors import run_main
     with pytest.raises(SystemExit) as exc:
         run_main(lambda: train_sft_example.main(argv))
     err = capsys.readouterr().err
@@ -107,8 +107,8 @@ def _retrained_tokenizer_model(tiny_dir, dest):
 
 def test_dataset_from_a_retrained_tokenizer_of_the_same_size_is_refused(base_argv, processed_tiny, tiny_dir,
                                                                          tmp_path, capsys):
-    from pmcvqa_sft import encoding
-    from pmcvqa_sft.modeling import load_tokenizer
+    from pmcvqa_sft.format import encoding
+    from pmcvqa_sft.models.loading import load_tokenizer
     other_model = _retrained_tokenizer_model(tiny_dir, tmp_path / "retrained")
     mine, theirs = load_tokenizer(str(tiny_dir)), load_tokenizer(str(other_model))
     assert len(mine) == len(theirs) and mine.eos_token_id == theirs.eos_token_id
@@ -126,8 +126,8 @@ def test_dataset_from_a_retrained_tokenizer_of_the_same_size_is_refused(base_arg
 def test_report_without_tokenizer_hash_is_checked_on_the_rest(processed_tiny, tiny_dir, tiny_tokenizer, tmp_path):
     """Datasets preprocessed before the field existed still load with a matching model, and are still
     refused on the fields they do hold."""
-    from pmcvqa_sft.errors import InputError
-    from pmcvqa_sft.training import check_dataset_matches
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.train.run import check_dataset_matches
     report = json.loads((processed_tiny / "preprocess_report.json").read_text())
     del report["tokenizer_hash"]
     check_dataset_matches(report, tiny_tokenizer, "d", "m")  # no error
@@ -183,8 +183,9 @@ def test_flags_and_train_options_are_one_schema():
     import dataclasses
 
     import train_sft_example
-    from pmcvqa_sft.modeling import DEFAULT_MODEL, QUANTIZATIONS
-    from pmcvqa_sft.train_options import TrainOptions, from_namespace
+    from pmcvqa_sft.core.paths import DEFAULT_MODEL
+    from pmcvqa_sft.models.loading import QUANTIZATIONS
+    from pmcvqa_sft.train.options import TrainOptions, from_namespace
     ns = train_sft_example.parse_args(["--dataset_dir", "d"])
     assert from_namespace(ns) == TrainOptions(dataset_dir="d")
     assert set(vars(ns)) == {f.name for f in dataclasses.fields(TrainOptions)}
@@ -193,7 +194,7 @@ def test_flags_and_train_options_are_one_schema():
     flipped = train_sft_example.parse_args(["--dataset_dir", "d", "--no-progress", "--no-gradient_checkpointing",
                                             "--overwrite", "--quantization", "4bit", "--report_to", "none"])
     assert (flipped.progress, flipped.gradient_checkpointing, flipped.overwrite) == (False, False, True)
-    from pmcvqa_sft.train_options import REPORT_TO
+    from pmcvqa_sft.train.options import REPORT_TO
     for flag, choices in (("--quantization", QUANTIZATIONS), ("--report_to", REPORT_TO)):
         with pytest.raises(SystemExit):
             train_sft_example.parse_args(["--dataset_dir", "d", flag, "bogus"])

@@ -43,8 +43,8 @@ def test_gpu_train_check_builds_the_8b_shape_without_the_fixture(tmp_path):
 def test_sharded_training_setup(monkeypatch, tiny_dir):
     import torch
 
-    from pmcvqa_sft.errors import InputError
-    from pmcvqa_sft.modeling import load_model, quantization_config, sharded_training
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.models.loading import load_model, quantization_config, sharded_training
     assert not sharded_training()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert sharded_training()

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pmcvqa_sft import environment as env
-from pmcvqa_sft.errors import InputError
+from pmcvqa_sft.verify import environment as env
+from pmcvqa_sft.core.errors import InputError
 from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -50,7 +50,7 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(pipeline):
-    from pmcvqa_sft.inference import load_for_inference
+    from pmcvqa_sft.models.adapters import load_for_inference
     return load_for_inference(None, str(pipeline["model"]), "8bit", log=lambda *_: None)
 
 
@@ -68,14 +68,15 @@ def test_demo_vision_tuned_beats_base_and_blind(pipeline):
 
 
 def test_blind_ablation_blanks_every_figure(pipeline, loaded):
-    from pmcvqa_sft.dataset_io import read_report
-    from pmcvqa_sft.vision_eval import load_vision_rows
-    from pmcvqa_sft.vision_train import make_collator
+    from pmcvqa_sft.data.store import read_report
+    from pmcvqa_sft.evaluate.accuracy import load_vision_rows
+    from pmcvqa_sft.data.collate import make_collator
+    from pmcvqa_sft.data.figures import blank_like, figure_loader
     rows, report = load_vision_rows(pipeline["data"], "test", 4)
     feats = [{"input_ids": r["prompt_ids"], "labels": [-100] * len(r["prompt_ids"]), "image": r["image"]}
              for r in rows]
-    real = make_collator(loaded.processor, loaded.model, read_report(pipeline["data"]), None)(feats)
-    gray = make_collator(loaded.processor, loaded.model, report, None, blank=True)(feats)
+    real = make_collator(loaded.processor, loaded.model, figure_loader(read_report(pipeline["data"])), None)(feats)
+    gray = make_collator(loaded.processor, loaded.model, figure_loader(report), None, blank=blank_like)(feats)
     assert real["input_ids"].equal(gray["input_ids"])  # same prompt, same number of image tokens
     assert real["image_grid_thw"].equal(gray["image_grid_thw"])
     px = gray["pixel_values"].view(-1, 3, 2 * 14 * 14)  # channel-major patches: one value per channel
@@ -89,12 +90,14 @@ def test_score_equals_generation_logprobs(pipeline, loaded):
     the same inputs: the log-prob scoring gives a generated answer equals the one generation gave it."""
     import torch
 
-    from pmcvqa_sft.generation import GenerationSettings, _generation_config
-    from pmcvqa_sft.vision_collate import build_batch
-    from pmcvqa_sft.vision_eval import load_vision_rows, sequence_logprobs
-    from pmcvqa_sft.vision_train import make_collator
+    from pmcvqa_sft.infer.generation import GenerationSettings, _generation_config
+    from pmcvqa_sft.data.collate import build_batch
+    from pmcvqa_sft.evaluate.accuracy import load_vision_rows
+    from pmcvqa_sft.evaluate.scoring import sequence_logprobs
+    from pmcvqa_sft.data.collate import make_collator
+    from pmcvqa_sft.data.figures import figure_loader
     rows, report = load_vision_rows(pipeline["data"], "test", 4)
-    coll = make_collator(loaded.processor, loaded.model, report, loaded.card["args"]["max_pixels"])
+    coll = make_collator(loaded.processor, loaded.model, figure_loader(report), loaded.card["args"]["max_pixels"])
     inputs = build_batch([(r["prompt_ids"], None) for r in rows], coll.figures(rows), coll.image_processor,
                          coll.image_token_id, coll.pad_token_id, coll.max_pixels, coll.mm_token_type_ids, left=True)
     tok = loaded.processor.tokenizer
@@ -125,19 +128,19 @@ def test_generate_method_on_image_rows(pipeline, tmp_path):
 
 
 def test_inference_prompt_equals_training_prompt(pipeline, loaded):
-    from pmcvqa_sft.encoding import render_prompt
-    from pmcvqa_sft.vision_eval import load_vision_rows
-    from pmcvqa_sft.vision_infer import image_messages
+    from pmcvqa_sft.format.encoding import render_prompt
+    from pmcvqa_sft.evaluate.accuracy import load_vision_rows
+    from pmcvqa_sft.infer.answer import build_messages
     rows, _ = load_vision_rows(pipeline["data"], "test", 5)
     tok = loaded.processor.tokenizer
     for r in rows:
-        text = render_prompt(tok, image_messages(r["question"], r["choices"], None, loaded.system_prompt))
+        text = render_prompt(tok, build_messages(r["question"], r["choices"], None, loaded.system_prompt, image=True))
         assert tok(text, add_special_tokens=False)["input_ids"] == r["prompt_ids"]
 
 
 def test_image_question_cli_and_answer_question(pipeline, loaded):
-    from pmcvqa_sft.inference import answer_question
-    from pmcvqa_sft.vision_infer import demo_questions
+    from pmcvqa_sft.infer.answer import answer_question
+    from pmcvqa_sft.infer.console import demo_questions
     q, choices, gold, path = demo_questions()[0]
     out = _run(["inference_example.py", "--adapter", str(pipeline["model"]), "--quantization", "8bit", "--greedy",
                 "--image", str(path), "--question", q, "--choices", *choices.values(), "--json",
@@ -151,8 +154,8 @@ def test_image_question_cli_and_answer_question(pipeline, loaded):
 
 
 def test_demo_questions_with_bundled_figures(loaded):
-    from pmcvqa_sft.generation import GenerationSettings
-    from pmcvqa_sft.vision_infer import run_vision_demo
+    from pmcvqa_sft.infer.generation import GenerationSettings
+    from pmcvqa_sft.infer.console import run_demo as run_vision_demo
     buf = io.StringIO()
     run_vision_demo(loaded.model, loaded.processor, GenerationSettings(do_sample=False, max_new_tokens=12),
                     out=buf)
@@ -161,9 +164,9 @@ def test_demo_questions_with_bundled_figures(loaded):
 
 
 def test_console_image_command(loaded, monkeypatch, tiny_dir):
-    from pmcvqa_sft.console import run_console
-    from pmcvqa_sft.generation import GenerationSettings
-    from pmcvqa_sft.vision_infer import demo_questions
+    from pmcvqa_sft.infer.console import run_console
+    from pmcvqa_sft.infer.generation import GenerationSettings
+    from pmcvqa_sft.infer.console import demo_questions
     q, choices, gold, path = demo_questions()[0]
     question = q + " " + " ".join(f"{k}. {v}" for k, v in choices.items())
     script = f"/image {path}.missing\n/image {path}\n{question}\nand again, without a new figure?\n/exit\n"
@@ -175,7 +178,7 @@ def test_console_image_command(loaded, monkeypatch, tiny_dir):
     assert "does not exist" in text and f"(figure {path} attached to your next question)" in text
     assert text.count("assistant> ") == 2 and "Traceback" not in text
     # a text model says it takes no images, in one line, and carries on
-    from pmcvqa_sft.modeling import load_model, load_tokenizer
+    from pmcvqa_sft.models.loading import load_model, load_tokenizer
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {path}\n/exit\n"))
     buf = io.StringIO()
     run_console(load_model(str(tiny_dir), "none"), load_tokenizer(str(tiny_dir)),
@@ -185,8 +188,8 @@ def test_console_image_command(loaded, monkeypatch, tiny_dir):
 
 def test_side_by_side_table_of_evaluation_folders(pipeline, tmp_path, tiny_dir):
     """A text-only model on the same CSV rows (no figure) beside the image base / tuned / blind."""
-    from pmcvqa_sft.compare_runs import compare_runs
-    from pmcvqa_sft.errors import InputError
+    from pmcvqa_sft.evaluate.compare import compare_runs
+    from pmcvqa_sft.core.errors import InputError
     text_data, text_eval = tmp_path / "text_data", tmp_path / "text_eval"
     _run(["preprocess_pmc_vqa_for_sft.py", "--data", str(SAMPLE), "--tokenizer", str(tiny_dir),
           "--output_dir", str(text_data)])

@@ -8,14 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pmcvqa_sft import vision_model
-from pmcvqa_sft.errors import InputError
+from pmcvqa_sft.models import lora as vision_model
+from pmcvqa_sft.models.loading import load_model
+from pmcvqa_sft.core.errors import InputError
 
 
 
 
 def opts(dataset_dir, out, **kw):
-    from pmcvqa_sft.training import TrainOptions
+    from pmcvqa_sft.train.options import TrainOptions
     base = dict(dataset_dir=str(dataset_dir), model="tiny-vision", output_dir=str(out), quantization="8bit",
                 max_steps=12, per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=2e-3,
                 warmup_steps=2, logging_steps=1, eval_steps=6, max_samples=96, max_eval_samples=8,
@@ -27,7 +28,7 @@ def opts(dataset_dir, out, **kw):
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 def test_quantization_spares_the_vision_tower(quant):
     import bitsandbytes as bnb
-    model = vision_model.load_vision_model("tiny-vision", quant)
+    model = load_model("tiny-vision", quant)
     qcls = bnb.nn.Linear8bitLt if quant == "8bit" else bnb.nn.Linear4bit
     quantized = [n for n, m in model.named_modules() if isinstance(m, qcls)]
     assert quantized and all(n.startswith("model.language_model.") for n in quantized), quantized
@@ -39,7 +40,7 @@ def test_quantization_spares_the_vision_tower(quant):
 def test_lora_targets_language_model_only_by_default():
     from peft import get_peft_model
     for train_vision, extra in (("none", set()), ("merger", {"merger"}), ("lora", {"merger", "visual.blocks"})):
-        model = vision_model.load_vision_model("tiny-vision", "none")
+        model = load_model("tiny-vision", "none")
         peft = get_peft_model(model, vision_model.lora_config("tiny-vision", train_vision=train_vision))
         trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
         lm = [n for n in trainable if ".language_model." in n]
@@ -57,11 +58,13 @@ def test_lora_targets_language_model_only_by_default():
 
 
 def _collator(processed_vision, loads, max_pixels=112 * 112, big=False):
-    from pmcvqa_sft.dataset_io import read_report
-    from pmcvqa_sft.vision_train import load_processor, make_collator
-    proc, _ = load_processor("tiny-vision")
-    coll = make_collator(proc, vision_model.load_vision_model("tiny-vision", "none"), read_report(processed_vision),
-                         max_pixels, dataset_dir=processed_vision)
+    from pmcvqa_sft.data.store import read_report
+    from pmcvqa_sft.models.loading import load_processor
+    from pmcvqa_sft.data.collate import make_collator
+    from pmcvqa_sft.data.figures import figure_loader
+    proc = load_processor("tiny-vision")
+    coll = make_collator(proc, load_model("tiny-vision", "none"),
+                         figure_loader(read_report(processed_vision), dataset_dir=processed_vision), max_pixels)
     real = coll.load_image
 
     def counting(ref):
@@ -101,7 +104,7 @@ def test_collator_trains_exactly_the_answer_and_loads_figures_lazily(processed_v
 def test_max_pixels_caps_large_figures(processed_vision):
     from datasets import load_from_disk
 
-    from pmcvqa_sft.vision_collate import add_vision_length_column
+    from pmcvqa_sft.data.collate import add_vision_length_column
     ds = load_from_disk(str(processed_vision))["train"].select(range(2))
     for cap, grid, tokens in ((112 * 112, 8, 16), (224 * 224, 16, 64)):
         loads = []
@@ -124,7 +127,7 @@ def test_train_8bit_lora_tower_frozen_adapter_loads(processed_vision, tmp_path, 
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from pmcvqa_sft.training import run_training, setup_run
+    from pmcvqa_sft.train.run import run_training, setup_run
     run = setup_run(opts(processed_vision, tmp_path / "probe"), log=lambda *_: None)
     frozen0, train0 = _snapshot(run.trainer.model)
     assert any(".visual." in n for n in frozen0) and not any(".visual." in n for n in train0)
@@ -149,7 +152,7 @@ def test_train_8bit_lora_tower_frozen_adapter_loads(processed_vision, tmp_path, 
 
 
 def test_model_kind_mismatch_is_one_line(processed_vision, processed_tiny, tiny_dir, tmp_path):
-    from pmcvqa_sft.training import setup_run
+    from pmcvqa_sft.train.run import setup_run
     with pytest.raises(InputError, match="preprocessed for a text model"):
         setup_run(opts(processed_tiny, tmp_path / "a"), log=lambda *_: None)
     with pytest.raises(InputError, match="preprocessed for an image model"):
@@ -157,7 +160,7 @@ def test_model_kind_mismatch_is_one_line(processed_vision, processed_tiny, tiny_
 
 
 def test_resume_continues_exactly_and_refuses_another_max_pixels(processed_vision, tmp_path, one_thread):
-    from pmcvqa_sft.training import run_training
+    from pmcvqa_sft.train.run import run_training
     common = dict(max_samples=32, eval_steps=2, save_total_limit=4, lora_dropout=0.1)
     full = run_training(opts(processed_vision, tmp_path / "full", max_steps=6, **common), log=lambda *_: None)
     run_training(opts(processed_vision, tmp_path / "cut", max_steps=6, **common), log=lambda *_: None)

@@ -5,13 +5,13 @@ one file system because the temporary path sits beside the final one.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 import errno
 import json
 import os
+from pathlib import Path
 import shutil
 import tempfile
-from contextlib import contextmanager
-from pathlib import Path
 
 
 def _umask() -> int:

@@ -7,9 +7,9 @@ give a one-line error that names the offline alternatives.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 import os
 import socket
-from functools import lru_cache
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0

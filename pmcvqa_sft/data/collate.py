@@ -22,7 +22,7 @@ from torch.utils.data import Sampler
 
 from ..format.encoding import IGNORE_INDEX
 from ..format.media import (DEFAULT_MAX_PIXELS, expand_image_tokens, image_token_id, is_vision_processor,
-                           num_image_tokens, processor_size, wants_mm_token_type_ids)
+                            num_image_tokens, processor_size, wants_mm_token_type_ids)
 
 LENGTH_COLUMN = "length"
 ROW_ID_KEY = "row_ids"  # debug only: source rows of a batch, popped before the model sees the batch

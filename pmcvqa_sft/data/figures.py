@@ -19,13 +19,13 @@ figure whose real path leaves the folder (a symlink) too. Bad figures are named 
 """
 from __future__ import annotations
 
+from functools import lru_cache
 import io
 import os
+from pathlib import Path
 import posixpath
 import warnings
 import zipfile
-from functools import lru_cache
-from pathlib import Path
 
 from ..core.errors import InputError
 

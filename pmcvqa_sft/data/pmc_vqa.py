@@ -18,16 +18,17 @@ Rows with fewer fields than the header are padded with empty cells (pandas' beha
 """
 from __future__ import annotations
 
+from collections import Counter
 import csv
+from dataclasses import dataclass, field
 import gc
 import io
-import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
+import re
 
-from .errors import InputError, where
-from .prompts import LETTERS  # the one definition of the choice letters
+from ..core.errors import InputError, where
+from ..prompts import LETTERS  # the one definition of the choice letters
+
 CHOICE_COLUMNS = tuple(f"Choice {x}" for x in LETTERS)
 V1_COLUMNS = ("Figure_path", "Question", "Answer", *CHOICE_COLUMNS, "Answer_label")
 V2_COLUMNS = ("index", "Figure_path", "Caption", "Question", *CHOICE_COLUMNS, "Answer", "split")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+from pathlib import Path
 import random
 import zipfile
-from pathlib import Path
 
 from ..core.errors import InputError
 from ..prompts import LETTERS  # the one definition of the choice letters

@@ -7,11 +7,11 @@ the CSVs (never `load_dataset` on the whole repo: its mixed v1/v2 schemas break 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
+import re
 
-from . import hub
-from .errors import InputError
+from ..core import hub
+from ..core.errors import InputError
 
 # Known release files -> (version, split).
 PMC_FILES: dict[str, tuple[str, str]] = {

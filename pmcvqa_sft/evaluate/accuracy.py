@@ -19,24 +19,23 @@ the adapter disabled too. Outputs `predictions.jsonl` and `metrics.json`, writte
 """
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections import Counter
 from contextlib import nullcontext
+import json
+import math
 from pathlib import Path
+import time
 from typing import Sequence
 
 from ..core import atomic
 from ..core.atomic import atomic_dir
 from ..core.errors import InputError
 from ..core.notices import progress_bars_wanted
-from ..data.collate import build_batch
+from ..data.collate import build_batch, make_collator
 from ..data.figures import blank_like, figure_loader
 from ..data.store import check_model_kind, load_processed, row_choices
 from ..format.encoding import IGNORE_INDEX, PromptEncoder, assistant_turn, render_prompt, template_hash, tokenizer_hash
 from ..format.media import card_max_pixels, check_max_pixels
-from ..data.collate import make_collator
 from ..infer.generation import GenerationSettings, generate_ids
 from .metrics import compute_metrics, format_report, generated_prediction, majority_baseline
 from .scoring import _user_text, predict_score

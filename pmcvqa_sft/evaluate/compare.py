@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import InputError
+from ..core.errors import InputError
 
 
 def _read_folder(d: Path) -> tuple[dict, list[dict]]:
@@ -39,7 +39,7 @@ def _labels(dirs: list[Path]) -> list[str]:
 
 
 def compare_runs(folders) -> str:
-    from .evaluation import compute_metrics, format_report, majority_baseline
+    from .metrics import compute_metrics, format_report, majority_baseline
     dirs = [Path(f) for f in folders]
     if len(dirs) < 1:
         raise InputError("--compare_runs needs at least one evaluation folder")

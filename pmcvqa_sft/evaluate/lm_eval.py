@@ -18,11 +18,11 @@ which divides by characters of lm-eval's own continuation).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+import re
 
-from .atomic import atomic_dir, check_output_dir
-from .errors import InputError
+from ..core.atomic import atomic_dir, check_output_dir
+from ..core.errors import InputError
 
 MARKER = "lm_eval_export.json"
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -37,9 +37,9 @@ def check_task_name(name: str) -> str:
 def score_documents(tokenizer, rows, report: dict, card_system_prompt=None, letter_only: bool = False):
     """(documents, system prompt) for `rows` (from `evaluation.load_eval_rows`): context and
     continuations decoded from the ids `answers.build_score_rows` gives the scorer."""
-    from . import evaluation
-    from .answers import ScoreItem, build_score_rows
-    from .encoding import PromptEncoder, encode_text
+    from . import accuracy as evaluation
+    from ..format.encoding import PromptEncoder, encode_text
+    from .scoring import ScoreItem, build_score_rows
 
     system_prompt, include_caption = evaluation.dataset_prompt_settings(report, card_system_prompt)
     # the prompts --evaluate scores: the stored (trained) ones when the tokenizer and template match
@@ -106,7 +106,9 @@ def lm_eval_command(base: str, adapter_dir, tok_dir, include_path, name: str) ->
 def export(out_dir, dataset_dir, split: str = "test", num_samples=None, model=None, adapter=None,
            letter_only: bool = False, task_name: str | None = None, overwrite: bool = False, log=print) -> Path:
     """Write `<name>.yaml` + `<name>.jsonl` (+ the marker) into `out_dir`; returns the folder."""
-    from . import evaluation, inference, modeling
+    from . import accuracy as evaluation
+    from ..models import adapters as inference
+    from ..models import loading as modeling
 
     name = check_task_name(task_name or f"pmcvqa_{re.sub(r'[^A-Za-z0-9_]', '_', split)}")
     out = check_output_dir(out_dir, overwrite, MARKER, "an lm-eval export", "--export_lm_eval")
@@ -114,9 +116,18 @@ def export(out_dir, dataset_dir, split: str = "test", num_samples=None, model=No
     if report.get("reasoning") == "brief":
         raise InputError(f"dataset '{dataset_dir}' was preprocessed with --reasoning brief: choice scoring "
                          f"(and so this export) assumes an empty think block")
-    base, tokenizer, adir, card = inference._base_and_tokenizer(model, adapter)
+    if model is None and adapter is None:
+        # the model the dataset was tokenized for (e.g. `tiny`), not the hub default: the export's token ids
+        # must be that tokenizer's
+        model = report.get("tokenizer")
+        if not model:
+            raise InputError(f"dataset '{dataset_dir}' does not record its tokenizer; pass --model (or --adapter) "
+                             f"with the model it was preprocessed for")
+        log(f"note: no --model/--adapter given: exporting for '{model}', the tokenizer dataset "
+            f"'{dataset_dir}' was preprocessed with")
+    base, tokenizer, adir, card = inference.base_and_tokenizer(model, adapter)
     tok_dir = inference.training_files(adir)[0] if adir is not None else None
-    docs, system_prompt = score_documents(tokenizer, rows, report, inference._card_system_prompt(card)
+    docs, system_prompt = score_documents(tokenizer, rows, report, inference.card_system_prompt(card)
                                           if adir is not None else None, letter_only)
     cmd = lm_eval_command(modeling.resolve_name(base), adir.resolve() if adir else None,
                           tok_dir.resolve() if tok_dir else None, out.resolve(), name)

@@ -10,8 +10,8 @@ Ultrasound` with Ultrasound = A); they are never right under `accuracy`.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
+import math
 from typing import Sequence
 
 from ..format.answers import extract_answer

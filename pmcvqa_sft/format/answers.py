@@ -12,13 +12,13 @@ Two ways to get a multiple-choice prediction:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import functools
 import re
 import string
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from . import prompts
+from .. import prompts
 from .encoding import IGNORE_INDEX, PromptEncoder
 
 LETTER_SET = prompts.LETTERS

@@ -20,7 +20,7 @@ import json
 import os
 from typing import Sequence
 
-from . import prompts
+from .. import prompts
 
 IGNORE_INDEX = -100
 MIN_QUESTION_TOKENS = 8     # a question cut shorter than this is useless: skip the row instead

@@ -11,9 +11,9 @@ prompt token for token (tested).
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 import os
 import time
-from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 from .. import prompts

@@ -9,10 +9,9 @@ too (scripted sessions).
 """
 from __future__ import annotations
 
+from pathlib import Path
 import sys
 import time
-
-from pathlib import Path
 
 from .. import prompts
 from ..core.errors import InputError

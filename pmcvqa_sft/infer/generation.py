@@ -11,8 +11,8 @@
 from __future__ import annotations
 
 import copy
-import threading
 from dataclasses import dataclass
+import threading
 from typing import Iterator, Sequence
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -51,7 +51,7 @@ class GenerationSettings:
 
 def check_sampling(temperature: float | None, top_p: float | None) -> None:
     """One-line errors for sampling values transformers would reject (or silently misuse) later."""
-    from .errors import InputError
+    from ..core.errors import InputError
     if temperature is not None and not temperature >= 0:  # `not >=` also catches nan
         raise InputError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -18,9 +18,11 @@ The engines have no authentication: bind to 127.0.0.1 (the default) or put them 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 import hashlib
 import json
 import os
+from pathlib import Path
 import shlex
 import shutil
 import signal
@@ -30,12 +32,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
-from . import prompts
-from .atomic import atomic_dir
-from .errors import InputError
+from .. import prompts
+from ..core.atomic import atomic_dir
+from ..core.errors import InputError
 
 ENGINES = ("transformers", "vllm")
 DEFAULT_HOST = "127.0.0.1"
@@ -94,7 +94,7 @@ def check_port_free(host: str, port: int) -> None:
 def served_chat_template(tokenizer, system_prompt: str | None) -> str:
     """The training chat template; with a run-card system prompt it becomes the default system turn
     (a request that sends its own system message keeps it), exactly as `answer_question` builds it."""
-    from .encoding import ensure_chat_template
+    from ..format.encoding import ensure_chat_template
     tmpl = ensure_chat_template(tokenizer).chat_template
     if isinstance(tmpl, dict):
         raise InputError("the tokenizer has several named chat templates; serving needs one")
@@ -110,7 +110,7 @@ def response_template(tokenizer, chat_template: str) -> dict | None:
     """`tokenizer.response_template` for `transformers serve`: the generation prompt opens the think
     block (DeepSeek's `<｜Assistant｜><think>\\n`), so the reply is reasoning up to `</think>`, then the
     answer up to EOS. None when the template does not open a think block (the text is returned raw)."""
-    from .encoding import _generation_tail
+    from ..format.encoding import _generation_tail
     saved = tokenizer.chat_template
     try:
         tokenizer.chat_template = chat_template
@@ -186,7 +186,7 @@ def _hash_file(h, path: Path) -> None:
 
 def adapter_key(adapter_dir: Path, tok_dir: Path | None, base: str, system_prompt: str | None) -> str:
     """sha256 of what the merged folder is made of: adapter files, training tokenizer, run card, base."""
-    from .dataset_io import RUN_CARD
+    from ..data.store import RUN_CARD
     h = hashlib.sha256(json.dumps([SERVE_FORMAT, str(base), system_prompt]).encode())
     files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     extra = [tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")] if tok_dir else []
@@ -197,7 +197,7 @@ def adapter_key(adapter_dir: Path, tok_dir: Path | None, base: str, system_promp
 
 
 def run_name(adapter: str | os.PathLike, adapter_dir: Path) -> str:
-    from .dataset_io import ADAPTER_DIR
+    from ..data.store import ADAPTER_DIR
     d = Path(adapter).resolve()
     if d == adapter_dir.resolve() and d.name == ADAPTER_DIR:
         d = d.parent
@@ -216,16 +216,16 @@ class Prepared:
 
 def _run_facts(adapter: str, model: str | None, name: str | None):
     """(base, training tokenizer, adapter dir, run-card system prompt, served name, cache key)."""
-    from . import inference
-    base, tokenizer, adir, card = inference._base_and_tokenizer(model, adapter)
-    system_prompt = inference._card_system_prompt(card)
+    from ..models import adapters as inference
+    base, tokenizer, adir, card = inference.base_and_tokenizer(model, adapter)
+    system_prompt = inference.card_system_prompt(card)
     key = adapter_key(adir, inference.training_files(adir)[0], base, system_prompt)
     return base, tokenizer, adir, system_prompt, name or run_name(adapter, adir), key
 
 
 def prepare_merged(adapter: str, model: str | None, cache_dir, name: str | None = None, log=print) -> Prepared:
     """Merge base + adapter into `cache_dir/<key>/<name>` once; reuse it while the key is unchanged."""
-    from . import inference
+    from ..models import adapters as inference
     base, tokenizer, adir, system_prompt, name, key = _run_facts(adapter, model, name)
     entry = Path(cache_dir).expanduser() / key[:16]
     out = entry / name
@@ -250,7 +250,7 @@ def prepare_merged(adapter: str, model: str | None, cache_dir, name: str | None 
 
 def prepare_vllm(adapter: str, model: str | None, cache_dir, name: str | None = None, log=print) -> Prepared:
     """No merge: vLLM applies the LoRA itself. Writes the chat template and generation config folder."""
-    from .modeling import resolve_name
+    from ..models.loading import resolve_name
     base, tokenizer, adir, system_prompt, name, key = _run_facts(adapter, model, name)
     # vLLM runs in `entry`: every path it gets is absolute
     entry = Path(cache_dir).expanduser().resolve() / f"vllm-{key[:16]}"
@@ -284,7 +284,7 @@ def _lora_rank(adapter_dir: Path) -> int:
 
 def vllm_command(prep: Prepared, host: str, port: int) -> list[str]:
     """`vllm serve BASE --enable-lora --lora-modules NAME=ADAPTER` with the run's template and settings."""
-    from . import inference
+    from ..models import adapters as inference
     tok_dir, _ = inference.training_files(prep.model_dir)
     cmd = ["vllm", "serve", prep.base, "--host", host, "--port", str(port),
            "--enable-lora", "--lora-modules", f"{prep.name}={prep.model_dir}",
@@ -418,7 +418,7 @@ def serve(adapter: str, model: str | None = None, engine: str = "transformers", 
         prep = prepare_vllm(adapter, model, cache_dir, name, log=log)
         return run_engine(vllm_command(prep, host, port), prep.workdir, host, port, prep.name, engine,
                           ready_timeout, log=log)
-    from .inference import default_quantization
+    from ..models.adapters import default_quantization
     quantization = quantization or default_quantization()
     prep = prepare_merged(adapter, model, cache_dir, name, log=log)
     # Everything is local: keep the engine off the network (and quiet about telemetry).

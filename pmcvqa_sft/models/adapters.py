@@ -15,13 +15,14 @@ LoRA adapter, or merged; text or image), and `merge_and_save`.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 import json
 import os
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+import time
 from typing import Mapping, Sequence
 
+from . import loading as modeling
 from .. import prompts
 from ..core.atomic import atomic_dir, check_output_dir
 from ..core.errors import InputError
@@ -29,7 +30,6 @@ from ..core.hub import hub_error, hub_kwargs
 from ..core.threads import configure_threads
 from ..data.store import ADAPTER_DIR, RUN_CARD
 from ..format.encoding import template_hash
-from . import loading as modeling
 from .kind import is_vision_model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -138,7 +138,7 @@ class Loaded:
         return self.adapter_dir is not None
 
 
-def _base_and_tokenizer(model: str | None, adapter: str | None):
+def base_and_tokenizer(model: str | None, adapter: str | None):
     """(base name, tokenizer, adapter dir, run card) without loading weights; runs every check."""
     if adapter is None:
         name = model or modeling.DEFAULT_MODEL
@@ -167,7 +167,7 @@ def _base_and_tokenizer(model: str | None, adapter: str | None):
     return base, tokenizer, adir, card
 
 
-def _card_system_prompt(card: Mapping) -> str | None:
+def card_system_prompt(card: Mapping) -> str | None:
     pre = card.get("preprocess_report") or {}
     for d in (card, card.get("args") or {}, pre, pre.get("args") or {} if isinstance(pre, Mapping) else {}):
         if isinstance(d, Mapping) and d.get("system_prompt"):
@@ -179,7 +179,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
                        device_map=None, log=print) -> Loaded:
     """Base (`model`), base + adapter, or a merged folder (`model`), ready for generation and scoring."""
     quantization = modeling.check_quantization(quantization or default_quantization())
-    base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
+    base, tokenizer, adir, card = base_and_tokenizer(model, adapter)
     log(f"loading {base} ({'no quantization' if quantization == 'none' else quantization})"
         + (f" + adapter {adir}" if adir else ""))
     processor = None
@@ -195,7 +195,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
             raise InputError(f"adapter '{adir}' does not fit base model '{base}': "
                              f"{' '.join(str(exc).split())[:200]}") from None
     net.eval()
-    return Loaded(net, tokenizer, base, adir, quantization, _card_system_prompt(card), card, processor)
+    return Loaded(net, tokenizer, base, adir, quantization, card_system_prompt(card), card, processor)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,12 +205,12 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
 
 def merge_and_save(adapter: str, out_dir, model: str | None = None, overwrite: bool = False, log=print) -> Path:
     """Base + adapter merged into one standalone folder (weights + tokenizer) AutoModelForCausalLM loads."""
-    import torch
     from peft import PeftModel
+    import torch
     from transformers import AutoModelForCausalLM
 
     out = check_output_dir(out_dir, overwrite, "merge_card.json", "a merged model", "--merge_and_save")
-    base, tokenizer, adir, card = _base_and_tokenizer(model, adapter)
+    base, tokenizer, adir, card = base_and_tokenizer(model, adapter)
     log(f"merging: reloading base '{base}' UNQUANTIZED in its stored dtype (merging into 8-bit/4-bit "
         f"weights would round the LoRA update away)")
     from transformers import AutoModelForImageTextToText

@@ -10,8 +10,8 @@
 """
 from __future__ import annotations
 
-import re
 from functools import lru_cache
+import re
 
 from ..core.errors import InputError
 from ..core.hub import hub_error, hub_kwargs
@@ -90,8 +90,8 @@ def _first(names: list[str], leaves: tuple[str, ...]) -> str | None:
 
 @lru_cache(maxsize=8)
 def _layout_for(path: str) -> Layout:
-    import torch
     from accelerate import init_empty_weights
+    import torch
     from transformers import AutoModelForImageTextToText
     cfg = model_config(path)
     with init_empty_weights():

@@ -14,15 +14,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import tiny
 from ..core.errors import InputError
 from ..core.hub import hub_error, hub_kwargs
 from ..core.notices import progress_bars_wanted, quiet_bitsandbytes, quiet_library_warnings
 from ..core.paths import DEFAULT_MODEL, TINY_VISION_ALIAS
 from ..core.threads import configure_threads
 from ..format.encoding import ensure_chat_template
-from . import tiny
 from .kind import is_vision_model, layout
-from .processor import read_chat_template, make_processor
+from .processor import make_processor, read_chat_template
 
 QUANTIZATIONS = ("8bit", "4bit", "none")
 

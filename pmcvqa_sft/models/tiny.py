@@ -27,8 +27,8 @@ import hashlib
 import json
 import math
 import os
-import random
 from pathlib import Path
+import random
 
 from .. import prompts
 from ..core.atomic import atomic_dir
@@ -213,7 +213,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 # Renders the same format as Qwen2.5-VL-Instruct's template (written here, not copied): a default system
 # turn when the first message is not a system one; string or list content; image items become
 # <|vision_start|><|image_pad|><|vision_end|>; the generation prompt opens the assistant turn.
-CHAT_TEMPLATE = (
+VISION_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
     "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
@@ -251,7 +251,7 @@ def _vision_tokenizer_texts() -> list[str]:
 
 
 def _vision_recipe_key() -> str:
-    blob = json.dumps([BUILD_VERSION, TEXT_KW, VISION_KW, IMAGE_KW, VOCAB_SIZE, SEED, CHAT_TEMPLATE,
+    blob = json.dumps([BUILD_VERSION, TEXT_KW, VISION_KW, IMAGE_KW, VOCAB_SIZE, SEED, VISION_CHAT_TEMPLATE,
                        _vision_tokenizer_texts()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -269,7 +269,7 @@ def build_vision_tokenizer(texts):
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
                                    model_max_length=TEXT_KW["max_position_embeddings"])
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = VISION_CHAT_TEMPLATE
     return fast
 
 

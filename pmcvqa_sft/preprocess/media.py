@@ -18,10 +18,10 @@
 """
 from __future__ import annotations
 
-import os
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+import os
+import time
 
 from ..core.errors import InputError
 from ..core.notices import progress_bars_wanted
@@ -176,8 +176,8 @@ class VisionPrep:
         return self.info[(rec.source_file, rec.source_row)][3] - 1
 
     def add_columns(self, feats, columns, records) -> None:
-        import pyarrow as pa
         from datasets import Value
+        import pyarrow as pa
 
         info = [self.info[(r.source_file, r.source_row)] for r in records]
         feats["image"] = Value("string")

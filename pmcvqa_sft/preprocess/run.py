@@ -16,15 +16,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+from itertools import chain, islice
 import json
 import math
 import os
+from pathlib import Path
 import platform
 import shutil
 import time
 import uuid
-from itertools import chain, islice
-from pathlib import Path
 
 from .. import prompts
 from ..core import atomic
@@ -159,10 +159,10 @@ def build_dataset(records, P, T, with_caption=True, media=None):
 
     `caption` is stored only when the prompt holds it: v2 captions can be longer than the whole
     tokenized row, and the on-disk size must stay within SIZE_BOUND x token bytes."""
-    import numpy as np
-    import pyarrow as pa
     from datasets import Dataset, DatasetInfo
     from datasets.table import InMemoryTable
+    import numpy as np
+    import pyarrow as pa
 
     lp = np.fromiter((len(h) + len(r) for h, r in P), dtype=np.int64, count=len(P))
     lt = np.fromiter(map(len, T), dtype=np.int64, count=len(T))

@@ -12,11 +12,11 @@ then that folder stands in for optimizer.pt / scheduler.pt.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 import zipfile
-from pathlib import Path
 
-from .errors import InputError
+from ..core.errors import InputError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

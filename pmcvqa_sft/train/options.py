@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .modeling import DEFAULT_MODEL, QUANTIZATIONS
+from ..core.paths import DEFAULT_MODEL
+from ..models.loading import QUANTIZATIONS
 
 REPORT_TO = ("tensorboard", "none")
 GROUP_DESCRIPTIONS: dict[str, str] = {  # an argparse group's one-line description, when it needs one

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
+import time
 
-from .atomic import atomic_dir
+from ..core.atomic import atomic_dir
+from ..core.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 CACHE = ROOT / "artifacts" / "quick-adapters"
 QUICK_RECIPE = dict(version=1, r=16, alpha=32, lr=1e-3, batch_size=16, warmup=20, seed=0)
@@ -23,7 +23,7 @@ QUICK_RECIPE = dict(version=1, r=16, alpha=32, lr=1e-3, batch_size=16, warmup=20
 
 def sample_rows(split: str = "test") -> list[dict]:
     """The bundled v1 sample as evaluation rows (question, choices, answer_label)."""
-    from .data import read_pmc_vqa_csv
+    from ..data.pmc_vqa import read_pmc_vqa_csv
     records, _ = read_pmc_vqa_csv(SAMPLE / f"{split}.csv")
     return [{"question": r.question, "choices": dict(r.choices), "answer_label": r.answer_label,
              "source_file": r.source_file, "source_row": r.source_row} for r in records]
@@ -45,12 +45,14 @@ def train_quick_adapter(tiny_dir, steps: int = 400, rows=None, lr: float | None 
     """
     import random
 
-    import torch
     from peft import get_peft_model
+    import torch
     from transformers import AutoModelForCausalLM
 
-    from . import modeling, prompts
-    from .encoding import encode_conversation, template_hash
+    from .. import prompts
+    from ..format.encoding import encode_conversation, template_hash
+    from ..models import loading as modeling
+    from ..models.lora import lora_config
 
     tiny_dir = Path(tiny_dir)
     rows = rows if rows is not None else sample_rows("train")
@@ -63,10 +65,10 @@ def train_quick_adapter(tiny_dir, steps: int = 400, rows=None, lr: float | None 
     tok = modeling.load_tokenizer(str(tiny_dir))
     rows = [encode_conversation(tok, prompts.create_conversation(r["question"], r["choices"], r["answer_label"]))
             for r in rows]
-    from .threads import configure_threads
+    from ..core.threads import configure_threads
     configure_threads(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    model = get_peft_model(model, modeling.lora_config(r=cfg["r"], alpha=cfg["alpha"], dropout=0.0))
+    model = get_peft_model(model, lora_config(str(tiny_dir), r=cfg["r"], alpha=cfg["alpha"], dropout=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]))
     rng, order, t0 = random.Random(cfg["seed"]), [], time.perf_counter()

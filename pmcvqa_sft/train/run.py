@@ -23,10 +23,10 @@ import dataclasses
 import inspect
 import json
 import os
+from pathlib import Path
 import shutil
 import signal
 import time
-from pathlib import Path
 
 from ..core.atomic import disk_full_is_input_error, make_temp_dir, replace_dir, write_json
 from ..core.errors import InputError
@@ -39,8 +39,8 @@ from ..data.store import ADAPTER_DIR, RUN_CARD, check_model_kind, load_processed
 from ..format.encoding import template_hash, tokenizer_hash
 from ..format.media import check_max_pixels
 from ..models.kind import is_vision_model
-from ..models.loading import (check_bitsandbytes, check_quantization, compute_dtype, device_map_for_process,
-                              load_model, load_processor, load_tokenizer, resolve_name, sharded_training)
+from ..models.loading import (check_bitsandbytes, check_quantization, compute_dtype, device_map_for_process, load_model,
+                              load_processor, load_tokenizer, resolve_name, sharded_training)
 from ..models.lora import lora_config
 from .checkpoints import check_explicit, drop_partial, newest_complete, newest_size, set_aside
 from .options import TrainOptions  # noqa: F401  (the options' schema; re-exported)

@@ -8,18 +8,17 @@ scrubs the token's value from any text that leaves this module (exception messag
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import platform
 import shutil
 import sys
 import threading
 import time
-from pathlib import Path
 
+from ..core.errors import InputError
+from ..core.paths import ROOT
 from .checks import FAIL, INSTALL_FIX, PASS, WARN, Check, guarded
-from .errors import InputError
 
-
-ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "requirements.txt"
 REQUIREMENTS_MINIMAL = ROOT / "requirements-minimal.txt"
 
@@ -188,7 +187,7 @@ def _quantized_layer(bits: int, weight, device):
     """A bitsandbytes Linear holding `weight`; moving it to `device` is what quantizes it."""
     import bitsandbytes as bnb
 
-    from .modeling import compute_dtype
+    from ..models.loading import compute_dtype
     out_f, in_f = weight.shape
     if bits == 8:
         layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False, threshold=0.0)
@@ -202,9 +201,10 @@ def _quantized_layer(bits: int, weight, device):
 def check_bnb_matmul(bits: int, bnb_spec: str = ">=0.45") -> list[Check]:
     """A real int8 / NF4 matmul on the device the run uses, compared with fp32."""
     import torch
-    from .modeling import quiet_bitsandbytes
+
+    from ..core.notices import quiet_bitsandbytes
     quiet_bitsandbytes()
-    from .modeling import device_map_for_process
+    from ..models.loading import device_map_for_process
     name = f"bitsandbytes {bits}-bit"
     fix = (f"pip install 'bitsandbytes{bnb_spec}' (`python -m bitsandbytes` shows what it found), "
            "or pass --quantization none")
@@ -310,7 +310,7 @@ def _with_deadline(fn, seconds: float):
 def check_hub(model_id: str) -> list[Check]:
     token_set = hub_token() is not None
     token_row = Check("hub token", PASS, "set" if token_set else "not set (only gated or private repos need one)")
-    from .hub import offline_vars
+    from ..core.hub import offline_vars
     offline = offline_vars()
     if offline:
         return [Check("hub", WARN, f"offline mode ({', '.join(v + '=1' for v in offline)}): not contacted",
@@ -335,7 +335,7 @@ def check_hub(model_id: str) -> list[Check]:
 
 def run_checks(requirements_path, cache_dir, output_dir, minimal: bool = False, smoke: bool = False,
                model_id: str | None = None, progress=lambda msg: None) -> list[Check]:
-    from .modeling import DEFAULT_MODEL
+    from ..core.paths import DEFAULT_MODEL
     reqs = read_requirements(requirements_path)  # bad file -> InputError before any output
     bnb_spec = next((spec_text(r.specifier) for r in reqs if r.name.lower() == "bitsandbytes"), "") or ">=0.45"
     rows = check_python() + [check_requirement(r, Path(requirements_path).name) for r in reqs]

@@ -5,12 +5,13 @@ through bitsandbytes, attach LoRA, take a few optimizer steps (the loss must fal
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
+import time
 
+from ..core.paths import SAMPLE_DIR
 from .checks import FAIL, INSTALL_FIX, PASS, Check
 
-SAMPLE_TRAIN = Path(__file__).resolve().parent.parent / "data" / "sample" / "train.csv"
+SAMPLE_TRAIN = SAMPLE_DIR / "train.csv"
 
 SMOKE_ROWS, SMOKE_STEPS, SMOKE_LR = 4, 10, 2e-3
 
@@ -19,8 +20,10 @@ def _smoke_batch(tokenizer, n_rows: int):
     """The first sample rows through the real prompt and encoding; padded right, padding masked by position."""
     import torch
 
-    from . import encoding, data, prompts
-    records, _ = data.read_pmc_vqa_csv(SAMPLE_TRAIN)
+    from .. import prompts
+    from ..data.pmc_vqa import read_pmc_vqa_csv
+    from ..format import encoding
+    records, _ = read_pmc_vqa_csv(SAMPLE_TRAIN)
     records = records[:n_rows]
     encoded = [encoding.encode_conversation(tokenizer, prompts.create_conversation(
         r.question, r.choices, r.answer_label, r.caption)) for r in records]
@@ -37,7 +40,8 @@ def run_smoke(progress=lambda msg: None) -> list[Check]:
     import warnings
 
     from transformers.utils import logging as hf_logging
-    from .modeling import quiet_bitsandbytes
+
+    from ..core.notices import quiet_bitsandbytes
     quiet_bitsandbytes()
     hf_logging.disable_progress_bar()  # the weight-loading bar would break the table
     with warnings.catch_warnings():
@@ -46,17 +50,21 @@ def run_smoke(progress=lambda msg: None) -> list[Check]:
 
 
 def _smoke(progress) -> list[Check]:
-    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
+    import torch
 
-    from . import encoding, modeling, prompts, tiny
+    from .. import prompts
+    from ..format import encoding
+    from ..models import loading as modeling
+    from ..models import tiny
+    from ..models.lora import lora_config
     start = time.monotonic()
     folder = tiny.ensure_tiny(log=progress)
     tokenizer = modeling.load_tokenizer(str(folder))
     batch, records = _smoke_batch(tokenizer, SMOKE_ROWS)
     model = modeling.load_model(str(folder), "8bit")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, modeling.lora_config())
+    model = get_peft_model(model, lora_config(tiny.TINY_ALIAS))
     device = next(p for p in model.parameters() if p.requires_grad).device
     batch = {k: v.to(device) for k, v in batch.items()}
     rows = [Check("smoke: tiny model", PASS, f"{folder.name}: 8-bit + LoRA loaded, "
