@@ -15,7 +15,6 @@ Its tokenizing part alone is reported too (`tokenize_only_rows_per_s`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random

@@ -12,8 +12,8 @@ Model: a Llama built from DeepSeek-R1-Distill-Llama-8B's config.json (`--config`
 is absent: 32 layers, hidden 4096, 32/8 heads, intermediate 14336, vocabulary 128,256) with RANDOM
 weights: nothing is downloaded. They are initialised on the GPU in bf16, saved once as safetensors
 shards to a temp folder on local disk (`--workdir`, ~16 GB), and every mode loads them through the
-project's own path (`modeling.load_model` with its BitsAndBytesConfig), as a real run would.
-Each mode trains with the project's Trainer setup (`training.build_model`, `SFTCollator`, length grouping,
+project's own path (`models.loading.load_model` with its BitsAndBytesConfig), as a real run would.
+Each mode trains with the project's Trainer setup (`train.run.build_model`, `SFTCollator`, length grouping,
 target-only logits): LoRA r 16 / alpha 32 on all linear projections, gradient checkpointing on, rows of
 `--seq_len` (512) tokens whose last `--target_len` (64) tokens are trained, batch `--batch` (4).
 Reported per mode: peak allocated / reserved GPU memory during training, median step time after
@@ -23,10 +23,10 @@ Reported per mode: peak allocated / reserved GPU memory during training, median 
 `--vision`: the same for an image-text model shaped like Qwen/Qwen2.5-VL-7B-Instruct (its published
 config: LM 28 layers, hidden 3584, 28/4 heads, intermediate 18944, vocabulary 152,064, mrope [16, 24, 24];
 vision tower depth 32, hidden 1280, 16 heads, intermediate 3420, patch 14, merge 2, out 3584), random
-weights, loaded through the project's image-model path (`vision_model.build_vision_model`: LM in 8-bit,
+weights, loaded through the project's image-model path (`train.run.build_model`: LM in 8-bit,
 vision tower and merger left unquantized, LoRA r 16 / alpha 32 on the LM's linear layers). Each row is one
 random `--image_size` (448) px figure (256 image tokens) + `--text_len` (128) text tokens whose last
-`--target_len` are trained, batched by the project's `vision_collate.build_batch` (Qwen's published image
+`--target_len` are trained, batched by the project's `data.collate.build_batch` (Qwen's published image
 processor settings); AdamW steps in a plain loop. Reported: peak memory, median step, tokens/s (text +
 image tokens), figures/s.
 """
@@ -44,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pmcvqa_sft.core.atomic import write_json
+from bench.results_io import write_results as write_json  # paths relative to the repository
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_CONFIG = ROOT.parent / "shared" / "fixtures" / "deepseek_r1_distill_llama_8b" / "config.json"
 # DeepSeek-R1-Distill-Llama-8B (its published config.json), used when the config file isn't there (a bare GPU box)

@@ -138,7 +138,7 @@ def real_token_share(lengths: Sequence[int], batch_size: int, order: Sequence[in
 #    ablation);
 # 2. run the image processor under the `max_pixels` cap (the figure is resized so that
 #    width x height <= max_pixels, keeping its aspect ratio): `pixel_values`, `image_grid_thw`;
-# 3. repeat each placeholder to the figure's token count (`vision_processor.expand_image_tokens`,
+# 3. repeat each placeholder to the figure's token count (`format.media.expand_image_tokens`,
 #    labels -100 there), right-pad, labels -100 on padding BY POSITION (the text collator's rule), and
 #    `mm_token_type_ids` (1 on image tokens) for the models whose 3D rotary positions need it.
 #
@@ -151,7 +151,7 @@ VISION_COLUMNS = ("image", "image_width", "image_height")
 
 def process_images(image_processor, images: Sequence, max_pixels: int | None) -> dict:
     """pixel_values + image_grid_thw (Qwen) for a list of PIL images, under the pixel cap (the same
-    bounds `vision_processor.num_image_tokens` predicts the token counts with)."""
+    bounds `format.media.num_image_tokens` predicts the token counts with)."""
     out = image_processor(images=list(images), return_tensors="pt", size=processor_size(image_processor, max_pixels))
     return dict(out)
 

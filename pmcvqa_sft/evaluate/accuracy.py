@@ -19,14 +19,13 @@ the adapter disabled too. Outputs `predictions.jsonl` and `metrics.json`, writte
 """
 from __future__ import annotations
 
-from collections import Counter
 from contextlib import nullcontext
 import json
-import math
 from pathlib import Path
 import time
 from typing import Sequence
 
+from .. import prompts
 from ..core import atomic
 from ..core.atomic import atomic_dir
 from ..core.errors import InputError
@@ -106,7 +105,7 @@ def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAU
         for i, g in zip(idx, generate_ids(model, tokenizer, [enc[i] for i in idx], settings, inputs=inputs)):
             # the prompt's last tokens tell whether it opened the think block (DeepSeek's `<think>\n`)
             raw = assistant_turn(tokenizer.decode(enc[i][-8:], skip_special_tokens=False), g.text)
-            out[i] = generated_prediction(raw, rows[i]["choices"], g, len(enc[i]))
+            out[i] = generated_prediction(raw, rows[i]["choices"], g, len(enc[i]), reasoning_tokens(tokenizer, raw, g))
     return out  # type: ignore[return-value]
 
 
@@ -115,6 +114,20 @@ def load_vision_rows(dataset_dir, split="test", num_samples=None):
     return load_eval_rows(dataset_dir, split, num_samples, extra_columns=IMAGE_COLUMNS,
                           missing_hint=": not an image dataset (preprocess with --images and an image "
                                        "model's --tokenizer)")
+
+
+def reasoning_tokens(tokenizer, raw: str, g) -> int:
+    """Generated tokens spent inside the think block: up to `</think>` (all of them when it never closed;
+    0 when the answer opened no think block, as Qwen-style models do)."""
+    open_tag, close_tag = prompts.THINK_OPEN.strip(), prompts.THINK_CLOSE
+    if open_tag not in raw:
+        return 0
+    close_id = tokenizer.convert_tokens_to_ids(close_tag)
+    if close_id is not None and close_id != tokenizer.unk_token_id and close_id in g.token_ids:
+        return g.token_ids.index(close_id)
+    if close_tag not in g.text:
+        return len(g.token_ids)
+    return len(tokenizer(g.text.split(close_tag, 1)[0], add_special_tokens=False)["input_ids"])
 
 
 def check_eval_args(method: str, batch_size: int) -> None:
@@ -138,7 +151,8 @@ def evaluate_model(model, tokenizer, rows, method="score", batch_size=16, letter
         preds = predict_generate(model, tokenizer, rows, batch_size, max_new_tokens, system_prompt, progress,
                                  include_caption, collator=collator)
     seconds = time.perf_counter() - start
-    return preds, compute_metrics(rows, preds, seconds, method)
+    return preds, compute_metrics(rows, preds, seconds, method,
+                                  max_new_tokens=max_new_tokens if method == "generate" else None)
 
 
 def check_output_dir(output_dir, overwrite: bool) -> Path:

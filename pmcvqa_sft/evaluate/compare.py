@@ -62,7 +62,8 @@ def compare_runs(folders) -> str:
         models = [m for m, v in metrics.items() if isinstance(v, dict) and "accuracy" in v and "n" in v]
         for m in models:
             preds = [{"pred": None, "pred_norm": None, **(k[q].get(m) or {})} for q in order]
-            results[f"{label}:{m}"] = compute_metrics(rows, preds, 0.0, metrics[m].get("method", "score"))
+            results[f"{label}:{m}"] = compute_metrics(rows, preds, 0.0, metrics[m].get("method", "score"),
+                                                      max_new_tokens=metrics[m].get("max_new_tokens"))
     head = (f"{len(order)} questions evaluated by every folder (of "
             + ", ".join(f"{lab} {len(k)}" for lab, k in zip(_labels(dirs), keyed)) + ")")
     return head + "\n" + format_report(results, majority_baseline(rows))

@@ -8,18 +8,19 @@ Two ways to get a multiple-choice prediction:
   `B.` / `B)` / lone `B`, `option B`, and finally the text of exactly one choice. Anything else is
   unparseable (letter None). The letter and the choice text written after it are returned separately
   (`letter`, `text_letter`); when they disagree the extraction is a `conflict`.
+- `exact_match(text, choices, gold)`: the exact reading behind the headline accuracy and the GRPO
+  rewards (below): only an answer line in the trained format, after a closed think block, counts.
 - choice scoring (no generation, no parsing) is evaluate/scoring.py's `score_choices`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import functools
 import re
 import string
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from .. import prompts
-from .encoding import IGNORE_INDEX, PromptEncoder
 
 LETTER_SET = prompts.LETTERS
 
@@ -200,3 +201,95 @@ def answer_text_after_letter(answer: str, letter: str, choices: Mapping[str, str
     if choices and letter in choices:
         return choices[letter]
     return _text_after_letter(answer, letter)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The exact answer metric, shared by evaluation (`accuracy`, the headline) and the GRPO rewards.
+#
+# `exact_match(completion, choices, gold_letter)` reads ONE thing: an answer line written exactly in the
+# prompts.ANSWER_TEMPLATE format (`Answer: B. Magnetic resonance imaging`), alone on its line, after a
+# closed think block. Nothing else counts: a bare choice text, `**B**`, `(B)`, a line whose text names no
+# choice, an answer inside the think block, or an unclosed think block are all "not parsed". Why so
+# strict: a lenient reader can be met by a degenerate answer (a GRPO run learned to write
+# `</think>: C. Jugular vein: C. ...` with no answer line, which the lenient reader scored as C).
+#     strict     the last answer line has the gold letter AND its text is the gold choice's (normalised)
+#     letter_ok  the last answer line's letter is the gold letter;  text_ok  its text is the gold text
+#     parsed     an answer line exists whose letter is a choice and whose text names exactly one choice
+#     think_closed  the think block was closed (True when the text opens none: Qwen-style models)
+#     one_line   exactly one answer line, nothing after it, one `</think>`: the format reward's test
+# `completion` is the whole assistant turn: for prompts ending `<think>\\n` prepend it (`assistant_turn`)
+# or pass prompt_opened_think=True. The lenient `extract_answer` above stays, reported apart as a fallback.
+# ---------------------------------------------------------------------------------------------------
+
+
+
+def norm_text(s: str) -> str:
+    """Case, punctuation and spacing removed: `' Magnetic  resonance-imaging.'` -> `magnetic resonance imaging`."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", s.lower()).split())
+
+
+def answer_line_pattern(template: str | None = None) -> re.Pattern:
+    """See _pattern; `template` None = prompts.ANSWER_TEMPLATE as it is now (an edit counts)."""
+    return _pattern(template or prompts.ANSWER_TEMPLATE)
+
+
+@functools.lru_cache(maxsize=8)
+def _pattern(template: str) -> re.Pattern:
+    """prompts.ANSWER_TEMPLATE as a whole-line regex: its words literal (spaces may be 1+ spaces/tabs),
+    `{letter}` one upper-case choice letter, `{text}` the rest of the line. Anchored at both line ends."""
+    parts = []
+    for literal, name, _spec, _conv in string.Formatter().parse(template):
+        for piece in re.split(r"(\s+)", literal):
+            if piece:
+                parts.append(r"[ \t]+" if piece.isspace() else re.escape(piece))
+        if name == "letter":
+            parts.append(r"(?P<letter>" + _LC + r")")
+        elif name == "text":
+            parts.append(r"(?P<text>[^\n]*?)")
+        elif name is not None:
+            raise ValueError(f"answer template {template!r}: unknown field {{{name}}} (use {{letter}}, {{text}})")
+    return re.compile(r"^[ \t]*" + "".join(parts) + r"[ \t]*$", re.MULTILINE)
+
+
+def split_think(text: str, prompt_opened_think: bool = False) -> tuple[str, str, bool]:
+    """(reasoning, answer part, think_closed). `<think>` opened (in the text or by the prompt) and never
+    closed: no answer part. No think block at all (models without one): the whole text is the answer."""
+    open_tag, close_tag = prompts.THINK_OPEN.strip(), prompts.THINK_CLOSE
+    if close_tag in text:
+        before, _, after = text.partition(close_tag)  # the FIRST close: a 2nd </think> is not a re-think
+        reasoning = before.split(open_tag, 1)[1] if open_tag in before else before
+        return reasoning.strip(), after, True
+    if prompt_opened_think or open_tag in text:
+        return (text.split(open_tag, 1)[1] if open_tag in text else text).strip(), "", False
+    return "", text, True
+
+
+def exact_match(completion: str, choices: Mapping[str, str], gold_letter: str | None = None,
+                prompt_opened_think: bool = False) -> dict:
+    """The exact reading of one answer (see the module docstring); `gold_letter` None: format only."""
+    reasoning, answer, closed = split_think(completion, prompt_opened_think)
+    lines = list(answer_line_pattern().finditer(answer)) if closed else []
+    by_text = {}
+    for k, v in choices.items():
+        by_text.setdefault(norm_text(v), []).append(k)
+    out = {"think_closed": closed, "n_answer_lines": len(lines), "letter": None, "text_letter": None,
+           "parsed": False, "strict": False, "letter_ok": False, "text_ok": False, "one_line": False,
+           "trailing": False, "reasoning_chars": len(reasoning),
+           "think_tags": completion.count(prompts.THINK_CLOSE)}
+    if not lines:
+        return out
+    last = lines[-1]
+    letter, text = last["letter"], last["text"]
+    named = by_text.get(norm_text(text), [])
+    text_letter = named[0] if len(named) == 1 else None  # two identical choice texts name no one choice
+    trailing = bool(answer[last.end():].strip())
+    out.update(letter=letter if letter in choices else None, text_letter=text_letter, trailing=trailing,
+               parsed=letter in choices and text_letter is not None)
+    # the format reward's test: one answer line, nothing after it, and the think block closed only once
+    # (a GRPO run learned `</think>\n</think>\nAnswer: ...`)
+    out["one_line"] = out["parsed"] and len(lines) == 1 and not trailing and out["think_tags"] == 1
+    if gold_letter is not None:
+        out["letter_ok"] = letter == gold_letter
+        out["text_ok"] = text_letter == gold_letter
+        out["strict"] = out["letter_ok"] and out["text_ok"]
+    return out

@@ -15,12 +15,11 @@ LoRA adapter, or merged; text or image), and `merge_and_save`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 import json
 import os
 from pathlib import Path
-import time
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from . import loading as modeling
 from .. import prompts

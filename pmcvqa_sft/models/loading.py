@@ -18,7 +18,7 @@ from . import tiny
 from ..core.errors import InputError
 from ..core.hub import hub_error, hub_kwargs
 from ..core.notices import progress_bars_wanted, quiet_bitsandbytes, quiet_library_warnings
-from ..core.paths import DEFAULT_MODEL, TINY_VISION_ALIAS
+from ..core.paths import DEFAULT_MODEL  # noqa: F401  (re-exported: the hub default)
 from ..core.threads import configure_threads
 from ..format.encoding import ensure_chat_template
 from .kind import is_vision_model, layout

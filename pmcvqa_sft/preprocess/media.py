@@ -25,12 +25,10 @@ import time
 
 from ..core.errors import InputError
 from ..core.notices import progress_bars_wanted
-from ..core.paths import TINY_VISION_ALIAS
 from ..data import figures
 from ..data.sources import HUB_DATASET_ID
 from ..format.encoding import ImageRowEncoder, RowEncoder
 from ..format.media import DEFAULT_MAX_PIXELS, image_settings, image_token_id, num_image_tokens
-from ..models.loading import load_processor
 
 IMAGE_SOURCE_HUB = "hub"
 

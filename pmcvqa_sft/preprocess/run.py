@@ -1,4 +1,4 @@
-"""PMC-VQA CSVs -> a tokenized, masked DatasetDict on disk (the contract in `dataset_io.py`).
+"""PMC-VQA CSVs -> a tokenized, masked DatasetDict on disk (the contract in `data/store.py`).
 
 Pipeline: resolve `--data` (file / folder / Hub id) -> read and validate the CSVs (`data.py`) -> build
 each row's conversation with `prompts.create_conversation` (the file users edit) -> tokenize prompts and
@@ -36,7 +36,7 @@ from ..data.pmc_vqa import ReadStats, read_pmc_vqa_csv
 from ..data.sources import resolve_data_files
 from ..data.store import EXAMPLES_NAME, REPORT_NAME
 from ..format import encoding
-from ..format.encoding import NO_HEAD
+from ..format.encoding import NO_HEAD, RowEncoder
 from ..models.loading import check_tokenizer, covers_all_text, load_processor, load_tokenizer
 from .media import TextMedia, VisionPrep, length_stats
 

@@ -73,7 +73,7 @@ class TrainOptions:
                                               "'auto' = the newest complete checkpoint in --output_dir (fresh "
                                               "start if none), or a checkpoint path")
     overwrite: bool = _opt(False, "output / resume", "replace a previous run in --output_dir")
-    # ---- image-text-to-text models (--model tiny-vision, Qwen/Qwen2.5-VL-7B-Instruct, ...): vision_train.py ----
+    # ---- image-text-to-text models (--model tiny-vision, Qwen/Qwen2.5-VL-7B-Instruct, ...): models/lora.py, data/collate.py ----
     max_pixels: int | None = _opt(512 * 28 * 28, "image models",
                                   "cap on each figure's width x height after resizing (aspect ratio kept); "
                                   "Qwen2.5-VL spends one token per 28x28 pixels, so the default allows 512 "

@@ -5,7 +5,6 @@ through bitsandbytes, attach LoRA, take a few optimizer steps (the loss must fal
 """
 from __future__ import annotations
 
-from pathlib import Path
 import time
 
 from ..core.paths import SAMPLE_DIR
