@@ -4,7 +4,7 @@
     python bench/bench_eval.py --adapter outputs/tiny-sft --num_samples 200
 
 Methods timed in one run (after a warm-up):
-- score: batched log-likelihood of each choice (`pmcvqa_sft.evaluation`, one forward pass per batch);
+- score: batched log-likelihood of each choice (`pmcvqa_sft.evaluate.accuracy`, one forward pass per batch);
 - generate (batched): greedy, left-padded, `--batch_size` questions at a time, then answer extraction;
 - generate (sequential): the seed's way - per question apply the template, greedy `model.generate`
   up to `--max_new_tokens` or EOS, parse the letter.
@@ -12,7 +12,7 @@ Reports questions/s, accuracy, and the agreement of score with sequential genera
 least 20x faster with at least 99 % agreement. Writes bench/results/eval.json.
 
 Without --adapter it trains a small LoRA on the bundled sample (`train_quick_adapter`, cached under
-artifacts/, also used by the tests; pmcvqa_sft/quick_adapter.py): r 16, alpha 32, all linear layers, lr 1e-3, batch 16, fp32.
+artifacts/, also used by the tests; pmcvqa_sft/train/quick_adapter.py): r 16, alpha 32, all linear layers, lr 1e-3, batch 16, fp32.
 """
 from __future__ import annotations
 
