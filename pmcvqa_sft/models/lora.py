@@ -44,16 +44,19 @@ def _esc(leaf: str) -> str:
 
 
 def lora_config(name: str, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules="all-linear",
-                train_vision: str = "none"):
-    """The LoraConfig for base model `name` (text or image; see the module docstring)."""
+                train_vision: str = "none", train_head: bool = False):
+    """The LoraConfig for base model `name` (text or image; see the module docstring). `train_head`:
+    lm_head trained in full too (modules_to_save)."""
     from peft import LoraConfig
+    head = ["lm_head"] if train_head else []
     if not is_vision_model(name):
         if isinstance(target_modules, str) and target_modules != "all-linear":
             target_modules = [m.strip() for m in target_modules.split(",") if m.strip()]
         return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                          bias="none", task_type="CAUSAL_LM")
+                          modules_to_save=head or None, bias="none", task_type="CAUSAL_LM")
     lay = layout(name)
-    save = [lay.projector.rsplit(".", 1)[-1]] if train_vision in ("merger", "lora") and lay.projector else None
+    save = [lay.projector.rsplit(".", 1)[-1]] if train_vision in ("merger", "lora") and lay.projector else []
+    save = save + head or None
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=lora_targets(lay, target_modules, train_vision),
                       modules_to_save=save, bias="none", task_type="CAUSAL_LM")

@@ -14,8 +14,12 @@ from ..core.paths import DEFAULT_MODEL
 from ..models.loading import QUANTIZATIONS
 
 REPORT_TO = ("tensorboard", "none")
+STAGES = ("sft", "grpo")
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 GROUP_DESCRIPTIONS: dict[str, str] = {  # an argparse group's one-line description, when it needs one
-    "image models": "used when --model is an image-text-to-text model"}
+    "image models": "used when --model is an image-text-to-text model",
+    "GRPO": "used with --stage grpo (TRL GRPOTrainer; docs/REASONING.md); --per_device_train_batch_size then "
+            "counts completions (prompts per step x --num_generations)"}
 
 
 def _opt(default, group: str, help: str, **argparse_kw):
@@ -29,6 +33,14 @@ class TrainOptions:
         "group": "data", "help": "a folder written by preprocess_pmc_vqa_for_sft.py (train + validation splits)"})
     max_samples: int | None = _opt(None, "data", "train on the first N train rows only")
     max_eval_samples: int | None = _opt(None, "data", "evaluate on the first N validation rows only")
+    shuffle_choices: bool = _opt(False, "data", "a fresh order of a row's choices each time it is drawn (the gold "
+                                                "letter follows its text), so the model must bind letter to text "
+                                                "instead of memorising a position")
+    # ---- stage ----
+    stage: str = _opt("sft", "stage", "sft: supervised fine-tuning on the answers; grpo: reinforcement learning "
+                                      "on the exact answer metric (train/grpo.py)", choices=STAGES)
+    init_adapter: str | None = _opt(None, "stage", "start from this run's adapter (a train_sft_example.py output "
+                                                   "folder) instead of a fresh LoRA; its base is --model's default")
     # ---- model ----
     model: str = _opt(DEFAULT_MODEL, "model",
                       "base model: hub id, local folder, or 'tiny' (the embedded offline model)")
@@ -42,6 +54,9 @@ class TrainOptions:
     lora_dropout: float = _opt(0.05, "LoRA", "dropout on the LoRA input")
     target_modules: str = _opt("all-linear", "LoRA", "comma-separated module names (e.g. q_proj,v_proj) or "
                                                      "all-linear (q,k,v,o,gate,up,down; never lm_head)")
+    train_head: bool = _opt(False, "LoRA", "also train lm_head in full (PEFT modules_to_save): lets a small model "
+                                           "raise the answer format's tokens; the tiny demo model needs it to "
+                                           "sample parseable answers at temperature 1 (docs/REASONING.md)")
     # ---- optimisation ----
     num_epochs: float = _opt(3.0, "optimisation", "passes over the train split")
     max_steps: int = _opt(-1, "optimisation", "optimizer steps; > 0 overrides --num_epochs")
@@ -84,6 +99,17 @@ class TrainOptions:
                              choices=("none", "merger", "lora"))
     images: str | None = _opt(None, "image models",
                               "where the figures are now (folder or zip), when they moved since preprocessing")
+    # ---- GRPO (--stage grpo): train/grpo.py, defaults measured on the tiny model (docs/REASONING.md) ----
+    num_generations: int = _opt(8, "GRPO", "completions sampled per prompt (the group whose rewards are compared)")
+    max_completion_length: int = _opt(512, "GRPO", "tokens per sampled completion (longer ones are cut and count "
+                                                   "as clipped)")
+    temperature: float = _opt(1.0, "GRPO", "sampling temperature of the completions (TRL's default; lower "
+                                           "values give the group less variety to learn from)")
+    beta: float = _opt(0.0, "GRPO", "KL penalty to the starting policy (0 = no reference model, TRL's "
+                                    "default; MedVLThinker used 0.01)")
+    loss_type: str = _opt("dapo", "GRPO", "TRL's loss normalisation", choices=LOSS_TYPES)
+    rewards: str = _opt("correct,format_ok", "GRPO", "comma-separated names from train/rewards.py REWARDS, each "
+                                                  "optionally name:weight (e.g. correct:1,format_ok:0.1,length:0.05); default weights 1, 0.1, 0.05")
     # ---- machine ----
     threads: int | None = _opt(None, "machine", "torch CPU threads (default: 1 for the tiny model or on a CPU "
                                                 "machine with <= 4 cores, else torch's; env PMCVQA_THREADS)")

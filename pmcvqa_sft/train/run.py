@@ -35,12 +35,15 @@ from ..core.threads import configure_threads
 from ..data.collate import (LENGTH_COLUMN, ROW_ID_KEY, VISION_COLUMNS, EpochLengthGroupedSampler, add_length_column,
                             add_vision_length_column, lengths_of, make_collator, target_logits_only)
 from ..data.figures import figure_loader
+from ..data.shuffle import SHUFFLE_COLUMNS, ShuffledChoices, row_encoder_for
 from ..data.store import ADAPTER_DIR, RUN_CARD, check_model_kind, load_processed
 from ..format.encoding import template_hash, tokenizer_hash
 from ..format.media import check_max_pixels
 from ..models.kind import is_vision_model
 from ..models.loading import (check_bitsandbytes, check_quantization, compute_dtype, device_map_for_process, load_model,
                               load_processor, load_tokenizer, resolve_name, sharded_training)
+from ..models.adapters import base_and_tokenizer
+from ..core.paths import DEFAULT_MODEL
 from ..models.lora import lora_config
 from .checkpoints import check_explicit, drop_partial, newest_complete, newest_size, set_aside
 from .options import TrainOptions  # noqa: F401  (the options' schema; re-exported)
@@ -74,6 +77,14 @@ def validate_options(o: TrainOptions) -> None:
                          f"to keep the best checkpoint by eval loss")
     if not 0 <= o.warmup_ratio < 1:
         raise InputError(f"--warmup_ratio must be in [0, 1) (got {o.warmup_ratio})")
+
+
+def resolve_init(o: TrainOptions) -> TrainOptions:
+    """--init_adapter RUN: its base model becomes --model unless --model was given (checked to fit)."""
+    if not o.init_adapter:
+        return o
+    base, _tok, adir, _card = base_and_tokenizer(None if o.model == DEFAULT_MODEL else o.model, o.init_adapter)
+    return dataclasses.replace(o, model=base, init_adapter=str(adir))
 
 
 def _is_run_folder(d: Path) -> bool:
@@ -110,7 +121,8 @@ def resolve_resume(o: TrainOptions, log=print) -> str | None:
 # The options that fix which rows a step sees: a resume with any of them changed would skip the old
 # number of batches of a different order.
 DATA_ORDER_KEYS = ("dataset_dir", "max_samples", "seed", "per_device_train_batch_size",
-                   "gradient_accumulation_steps", "max_pixels", "train_vision")
+                   "gradient_accumulation_steps", "max_pixels", "train_vision", "shuffle_choices", "stage",
+                   "num_generations")
 
 
 def check_resume_options(o: TrainOptions, resume: str | None) -> None:
@@ -156,7 +168,8 @@ def prepare_datasets(dsd, o: TrainOptions, image_processor=None, report=None, lo
         check_max_pixels(o.max_pixels, report, log)
     if "train" not in dsd or len(dsd["train"]) == 0:
         raise InputError(f"dataset '{o.dataset_dir}' has no train rows (splits: {dict(dsd.num_rows)})")
-    keep = {"input_ids", "labels", LENGTH_COLUMN, "source_row", *(VISION_COLUMNS if image_processor else ())}
+    keep = {"input_ids", "labels", LENGTH_COLUMN, "source_row", *(VISION_COLUMNS if image_processor else ()),
+            *(SHUFFLE_COLUMNS if o.shuffle_choices else ())}
 
     def trim(ds, n):
         if image_processor is None:
@@ -201,8 +214,12 @@ def build_model(o: TrainOptions, tokenizer, log=print):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     try:
-        model = get_peft_model(model, lora_config(o.model, o.lora_r, o.lora_alpha, o.lora_dropout, o.target_modules,
-                                                  o.train_vision))
+        if o.init_adapter:  # continue an earlier run's adapter (its r, targets and saved modules)
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, o.init_adapter, is_trainable=True)
+        else:
+            model = get_peft_model(model, lora_config(o.model, o.lora_r, o.lora_alpha, o.lora_dropout,
+                                                      o.target_modules, o.train_vision, o.train_head))
     except ValueError as exc:
         raise InputError(f"--target_modules '{o.target_modules}': {' '.join(str(exc).split())[:200]}") from None
     trainable, total = model.get_nb_trainable_parameters()
@@ -350,6 +367,7 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     from accelerate import PartialState
 
     validate_options(o)
+    o = resolve_init(o)
     configure_threads(o.model, o.threads)  # 1 thread for the tiny model / small CPU machines (threads.py)
     dsd, report = load_processed(o.dataset_dir)
     check_bitsandbytes(o.quantization)
@@ -387,6 +405,9 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     seen_dir = os.environ.get(SEEN_ENV)
     collator = make_collator(processor or tokenizer, model, figure_loader(report, o.images, o.dataset_dir)
                              if vision else None, o.max_pixels, with_row_ids=bool(seen_dir))
+    if o.shuffle_choices:
+        collator = ShuffledChoices(collator, row_encoder_for(report, tokenizer, processor),
+                                   report.get("args", {}).get("max_length", 1024), seed=o.seed)
     callbacks = [_callbacks()(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, processing_class=processor or tokenizer, callbacks=callbacks)
@@ -396,6 +417,9 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
 
 def run_training(o: TrainOptions, log=print) -> dict:
     """Train; returns the run card (also written to `<output_dir>/run_card.json` by the main process)."""
+    if o.stage == "grpo":
+        from .grpo import run_grpo
+        return run_grpo(o, log=log)
     run = setup_run(o, log=log)
     trainer, state, out = run.trainer, run.state, Path(o.output_dir)
     if run.resume:

@@ -1,0 +1,181 @@
+"""--shuffle_choices, --train_head, the GRPO rewards and `--stage grpo` (TRL GRPOTrainer) on the tiny model.
+
+The end-to-end checks share one module-scoped fixture: a 4-step SFT run (reshuffled choices, trained head),
+then a GRPO run from its adapter killed with SIGKILL right after its first checkpoint and resumed.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HANG_GUARD_S, ROOT
+from test_train import script_env
+
+from pmcvqa_sft import prompts
+from pmcvqa_sft.format.encoding import IGNORE_INDEX, encode_conversation
+from pmcvqa_sft.train import rewards as R
+
+CHOICES = {"A": "Liver", "B": "Spleen", "C": "Kidney", "D": "Heart"}
+
+
+# ---- choice reshuffling ----
+
+def _row(processed):
+    from pmcvqa_sft.data.store import load_processed
+    dsd, report = load_processed(processed)
+    return dsd["train"][0], report
+
+
+def test_shuffled_rows_keep_labels_on_exactly_the_answer_and_eos(processed_tiny, tiny_tokenizer):
+    from pmcvqa_sft.data.shuffle import ShuffledChoices, row_encoder_for
+    from pmcvqa_sft.data.store import row_choices
+    row, report = _row(processed_tiny)
+    seen = []
+    wrap = ShuffledChoices(lambda feats: feats, row_encoder_for(report, tiny_tokenizer), 1024, seed=3)
+    gold_text = row_choices(row)[row["answer_label"]]
+    for _ in range(12):
+        (f,) = wrap([row])
+        n_prompt = f["labels"].count(IGNORE_INDEX)
+        assert f["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert f["labels"][n_prompt:] == f["input_ids"][n_prompt:]  # the target, all of it, and nothing else
+        assert f["input_ids"][-1] == tiny_tokenizer.eos_token_id
+        target = tiny_tokenizer.decode(f["input_ids"][n_prompt:-1])
+        prompt = tiny_tokenizer.decode(f["input_ids"][:n_prompt])
+        letter = target.split("Answer: ")[1][0]
+        assert target.endswith(prompts.answer_line(letter, gold_text))  # the gold letter follows its text
+        assert f"{letter}. {gold_text}" in prompt
+        # the same ids as the reference encoder on the conversation with this draw's order
+        from pmcvqa_sft.data.shuffle import shuffle_choices
+        rng = random.Random(f"3/{(row['source_file'], row['source_row'])}/{len(seen)}")
+        shown, gold = shuffle_choices(row_choices(row), row["answer_label"], rng)
+        assert gold == letter
+        ref = encode_conversation(tiny_tokenizer, prompts.create_conversation(row["question"], shown, gold))
+        assert ref == (f["input_ids"], f["labels"])
+        seen.append(tuple(shown.values()))
+    assert len(set(seen)) > 3  # a fresh order per draw
+    assert sorted(seen[0]) == sorted(row_choices(row).values())
+
+
+def test_shuffle_choices_moves_the_gold_letter_with_its_text():
+    from pmcvqa_sft.data.shuffle import shuffle_choices
+    rng = random.Random(0)
+    golds = set()
+    for _ in range(40):
+        new, gold = shuffle_choices(CHOICES, "C", rng)
+        assert new[gold] == "Kidney" and sorted(new.values()) == sorted(CHOICES.values()) and list(new) == list("ABCD")
+        golds.add(gold)
+    assert golds == set("ABCD")
+    two, g = shuffle_choices({"A": "x", "B": "y"}, "B", rng)
+    assert list(two) == ["A", "B"] and two[g] == "y"
+
+
+def test_train_head_saves_lm_head():
+    from pmcvqa_sft.models.lora import lora_config
+    assert lora_config("tiny", train_head=True).modules_to_save == ["lm_head"]
+    assert not lora_config("tiny").modules_to_save
+
+
+# ---- rewards ----
+
+def _reward(fn, texts, gold="C", opened=True):
+    comps = [[{"role": "assistant", "content": t}] for t in texts]  # TRL's conversational completions
+    n = len(texts)
+    return fn([None] * n, comps, choices=[dict(CHOICES)] * n, answer_label=[gold] * n, opened_think=[opened] * n)
+
+
+def test_rewards_read_the_exact_answer_after_the_opened_think_block():
+    good = "\n</think>\n\nAnswer: C. Kidney"
+    texts = [good, "\n</think>\n\nAnswer: C. Liver", "\n</think>\n\nAnswer: B. Kidney",
+             "\n</think>\n</think>\nAnswer: C. Kidney",  # the think block closed twice: a learned hack
+             "</think>: C. Kidney: C. Kidney",           # no answer line (the lenient parser's hack)
+             "Answer: C. Kidney",                        # the think block never closed
+             "\n</think>\n\nAnswer: C. Kidney\nAnswer: C. Kidney"]
+    assert _reward(R.correct, texts) == [1, 0, 0, 1, 0, 0, 1]
+    assert _reward(R.format_ok, texts) == [1, 1, 1, 0, 0, 0, 0]
+    # a model whose prompt opens no think block (Qwen2.5-VL): the plain answer line is the answer
+    assert _reward(R.correct, ["Answer: C. Kidney"], opened=False) == [1]
+    long = "The organ that filters blood. " * 10 + "\n</think>\n\nAnswer: C. Kidney"
+    assert _reward(R.length, [good, long, long.replace("C. Kidney", "A. Liver")]) == [0.0, 1.0, 0.0]
+
+
+def test_rewards_spec_parses_weights_and_names_unknown_ones():
+    assert R.parse_rewards("correct,format_ok") == [("correct", 1.0), ("format_ok", 0.1)]
+    assert R.parse_rewards("correct:2, length:0.5") == [("correct", 2.0), ("length", 0.5)]
+    for bad in ("correctness", "correct:x", " , "):
+        with pytest.raises(ValueError):
+            R.parse_rewards(bad)
+    assert set(R.REWARDS) == {f.__name__ for f in R.REWARDS.values()}  # TRL logs a reward by its function name
+
+
+def _cli(*args, **env):
+    return subprocess.run([sys.executable, str(ROOT / "train_sft_example.py"), *map(str, args)], cwd=ROOT,
+                          env=script_env(**env), capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+
+def test_grpo_options_refuse_bad_values_in_one_line(processed_tiny, tiny_dir, tmp_path):
+    base = ["--model", tiny_dir, "--dataset_dir", processed_tiny, "--output_dir", tmp_path / "x", "--stage", "grpo",
+            "--quantization", "none", "--per_device_train_batch_size", 16]
+    for extra, words in ((["--per_device_train_batch_size", 12], "multiple of --num_generations"),
+                         (["--rewards", "nope"], "unknown reward 'nope'"),
+                         (["--num_generations", 1], "at least 2"),
+                         (["--init_adapter", tmp_path / "none"], "does not exist")):
+        r = _cli(*base, *extra)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+
+
+# ---- end to end: SFT -> GRPO, killed after its first checkpoint, resumed ----
+
+@pytest.fixture(scope="module")
+def sft_then_grpo(processed_tiny, tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo")
+    common = ["--model", tiny_dir, "--dataset_dir", processed_tiny, "--quantization", "none",
+              "--no-gradient_checkpointing", "--report_to", "tensorboard", "--no-progress", "--shuffle_choices",
+              "--max_eval_samples", 8, "--logging_steps", 1, "--learning_rate", 1e-3, "--warmup_steps", 0]
+    sft = _cli(*common, "--output_dir", out / "sft", "--max_steps", 4, "--eval_steps", 4,
+               "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1, "--train_head",
+               "--max_samples", 64)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    grpo = [*common, "--stage", "grpo", "--init_adapter", out / "sft", "--output_dir", out / "grpo",
+            "--max_steps", 4, "--eval_steps", 2, "--per_device_train_batch_size", 8, "--num_generations", 4,
+            "--gradient_accumulation_steps", 1, "--max_completion_length", 16, "--max_samples", 32]
+    killed = _cli(*grpo, PMCVQA_KILL_AFTER_SAVE=2)
+    resumed = _cli(*grpo, "--resume_from_checkpoint", "auto")
+    return out, killed, resumed
+
+
+def test_grpo_resumes_after_kill_and_writes_card_curves_and_best_checkpoint(sft_then_grpo):
+    out, killed, resumed = sft_then_grpo
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    card = json.loads((out / "grpo" / "run_card.json").read_text())
+    assert card["stage"] == "grpo" and card["resumed_from"].endswith("checkpoint-2") and card["global_step"] == 4
+    assert [r["name"] for r in card["rewards"]] == ["correct", "format_ok"]
+    assert [r["weight"] for r in card["rewards"]] == [1.0, 0.1]
+    assert card["init_adapter"].endswith("adapter") and card["prompt_opened_think"] is True
+    assert [e["step"] for e in card["eval_strict"]] == [2, 4]  # step 2's came back with its checkpoint
+    assert all(0 <= e["strict"] <= e["parsed"] <= 100 for e in card["eval_strict"])
+    assert card["best_checkpoint"].endswith(("checkpoint-2", "checkpoint-4"))
+    steps = [s for s, _ in card["train_curves"]["reward"]]
+    assert steps == [1, 2, 3, 4] and card["train_curves"]["completions/clipped_ratio"]
+    assert (out / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
+    adapter_cfg = json.loads((out / "grpo" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["modules_to_save"] and "lm_head" in adapter_cfg["modules_to_save"]  # the SFT head kept
+    assert (out / "grpo" / "loss_curve.png").stat().st_size > 10_000
+
+
+def test_grpo_logs_reward_length_and_clipping_to_tensorboard(sft_then_grpo):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = sft_then_grpo[0]
+    tags = set()
+    for f in (out / "grpo" / "tensorboard").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    for want in ("train/reward", "train/reward_std", "train/completions/mean_length",
+                 "train/completions/clipped_ratio", "eval/strict"):
+        assert want in tags, sorted(tags)
+
