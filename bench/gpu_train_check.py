@@ -6,6 +6,7 @@
     python bench/gpu_train_check.py --dry_run               # CPU, scaled-down config: checks the plumbing in ~30 s
     python bench/gpu_train_check.py --vision                # Qwen2.5-VL-7B shape, 8-bit LoRA, 1 figure + text
     python bench/gpu_train_check.py --vision --dry_run      # its plumbing on the CPU (scaled down)
+    python bench/gpu_train_check.py --grpo [--vision]       # GRPO steps (TRL GRPOTrainer): bench/grpo_check.py
 
 Model: a Llama built from DeepSeek-R1-Distill-Llama-8B's config.json (`--config`, default
 ../shared/fixtures/deepseek_r1_distill_llama_8b/config.json; the same numbers are built in when the file
@@ -91,6 +92,12 @@ def parse_args(argv=None):
     p.add_argument("--train_vision", default="none", choices=("none", "merger", "lora"),
                    help="--vision: also train the merger (modules_to_save) or LoRA the vision blocks")
     # ---- run ----
+    p.add_argument("--grpo", action="store_true",
+                   help="GRPO steps instead of SFT steps (bench/grpo_check.py); results gpu_grpo[_vision].json")
+    p.add_argument("--grpo_prompts", type=int, default=2, help="--grpo: prompts per step")
+    p.add_argument("--num_generations", type=int, default=8, help="--grpo: completions per prompt")
+    p.add_argument("--completion_len", type=int, default=128, help="--grpo: max completion tokens")
+    p.add_argument("--beta", type=float, default=0.0, help="--grpo: KL coefficient (> 0 adds the reference pass)")
     p.add_argument("--seq_len", type=int, default=512, help="tokens per row")
     p.add_argument("--target_len", type=int, default=64, help="trained tokens at the end of each row")
     p.add_argument("--batch", type=int, default=4, help="rows per step")
@@ -104,7 +111,7 @@ def parse_args(argv=None):
     if a.modes is None:
         a.modes = "8bit" if a.vision else "8bit,4bit,bf16"
     if a.out is None:
-        name = "gpu_train_vision" if a.vision else "gpu_train"
+        name = ("gpu_grpo" if a.grpo else "gpu_train") + ("_vision" if a.vision else "")
         a.out = str(ROOT / "bench" / (f"_work/{name}_dry_run.json" if a.dry_run else f"results/{name}.json"))
     return a
 
@@ -119,11 +126,12 @@ def model_config(a):
     return LlamaConfig(**BUILTIN_8B), "built-in DeepSeek-R1-Distill-Llama-8B numbers"
 
 
-def vl_config(a):
+def vl_config(a, ids=None, vocab=None):
     from transformers import Qwen2_5_VLConfig
     shape = VL_DRY_RUN if a.dry_run else QWEN25_VL_7B
-    cfg = Qwen2_5_VLConfig(text_config=dict(shape["text"], tie_word_embeddings=False), vision_config=shape["vision"],
-                           tie_word_embeddings=False, **shape["ids"])
+    text = dict(shape["text"], tie_word_embeddings=False, **({"vocab_size": vocab} if vocab else {}))
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=shape["vision"],
+                           tie_word_embeddings=False, **(ids or shape["ids"]))
     return cfg, ("dry-run (scaled down)" if a.dry_run else "built-in Qwen/Qwen2.5-VL-7B-Instruct numbers")
 
 
@@ -308,9 +316,20 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: unknown mode(s) {bad}: choose from 8bit, 4bit, bf16", file=sys.stderr)
         return 2
-    config, source = vl_config(a) if a.vision else model_config(a)
+    processor = None
+    if a.grpo:
+        from bench.grpo_check import grpo_tokenizer, run_grpo_mode, special_ids
+        processor = grpo_tokenizer(a.vision, a.image_size, QWEN_IMAGE_PROCESSOR)
+        n_tok = len(getattr(processor, "tokenizer", processor))
+    if a.vision:
+        config, source = (vl_config(a, special_ids(processor), max(n_tok, VL_DRY_RUN["text"]["vocab_size"])
+                                    if a.dry_run else None) if a.grpo else vl_config(a))
+    else:
+        config, source = model_config(a)
+        if a.grpo and a.dry_run:
+            config.vocab_size = max(config.vocab_size, n_tok)  # the tiny tokenizer's ids must fit
     work = Path(a.workdir or tempfile.mkdtemp(prefix="gpu_train_check_"))
-    weights = work / ("random_vl_7b" if a.vision else "random_8b")
+    weights = work / (("grpo_" if a.grpo else "") + ("random_vl_7b" if a.vision else "random_8b"))
     results = {"config_source": source, "device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)",
                "seq_len": a.seq_len, "target_len": a.target_len, "batch": a.batch, "steps": a.steps,
                "gradient_checkpointing": True, "lora": "r16 alpha32 all-linear", "modes": []}
@@ -318,13 +337,18 @@ def main(argv=None) -> int:
         results.update(seq_len=None, model="Qwen2.5-VL-7B shape", image_size=a.image_size, text_len=a.text_len,
                        train_vision=a.train_vision, lora="r16 alpha32 on the LM's linear layers",
                        image_processor=QWEN_IMAGE_PROCESSOR)
+    if a.grpo:
+        results.update(stage="grpo", seq_len=None, target_len=None, prompts_per_step=a.grpo_prompts,
+                       num_generations=a.num_generations, max_completion_length=a.completion_len, beta=a.beta,
+                       tokenizer="embedded tiny model's (ids inside the model's vocabulary)")
     try:
         if not (weights / "config.json").exists():
             results["write_weights_s"] = round(write_random_weights(config, weights, "cuda" if cuda else "cpu"), 1)
             print(f"random weights written to {weights} in {results['write_weights_s']} s", flush=True)
         for mode in modes:
             try:
-                res = (run_vl_mode(a, mode, weights, config, work) if a.vision
+                res = (run_grpo_mode(a, mode, weights, processor, work) if a.grpo
+                       else run_vl_mode(a, mode, weights, config, work) if a.vision
                        else run_mode(a, mode, weights, config.vocab_size, work))
             except torch.OutOfMemoryError as exc:  # report it and go on with the next mode
                 res = dict(mode=mode, error=f"out of memory: {str(exc)[:200]}")
@@ -334,7 +358,7 @@ def main(argv=None) -> int:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     eight = next((r for r in results["modes"] if r.get("mode") == "8bit" and "error" not in r), None)
-    if eight and cuda and not a.vision:
+    if eight and cuda and not a.vision and not a.grpo:
         results["goals"] = {"8bit_peak_le_20GB": eight["peak_allocated_gb"] <= 20,
                             "8bit_tokens_per_s_ge_3000": eight["tokens_per_s"] >= 3000}
     out = write_json(a.out, results)

@@ -58,3 +58,23 @@ def test_sharded_training_setup(monkeypatch, tiny_dir):
     assert not sharded_training()
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert sharded_training()
+
+
+@pytest.mark.parametrize("vision", [False, True], ids=["text-8b-shape", "qwen25vl-7b-shape"])
+def test_gpu_grpo_check_dry_run(tmp_path, one_thread, vision):
+    """--grpo: TRL GRPOTrainer steps through the project's model build, config and rewards, every mode."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_train_check
+    out = tmp_path / "grpo.json"
+    args = ["--grpo", "--dry_run", "--steps", "2", "--warmup", "1", "--grpo_prompts", "2", "--num_generations", "2",
+            "--completion_len", "6", "--out", str(out), "--workdir", str(tmp_path / "w")]
+    if vision:
+        args += ["--vision", "--modes", "8bit,bf16", "--image_size", "56"]
+    assert gpu_train_check.main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["stage"] == "grpo" and res["num_generations"] == 2
+    assert [m["mode"] for m in res["modes"]] == (["8bit", "bf16"] if vision else ["8bit", "4bit", "bf16"])
+    for m in res["modes"]:
+        assert "error" not in m and m["completions_per_s"] > 0 and m["steps_timed"] == 1
+        assert m["mean_completion_tokens"] == 6 and m["clipped_ratio"] == 1.0  # random weights never stop
+        assert "rewards/correct/mean" in m["reward_keys"] and "rewards/format_ok/mean" in m["reward_keys"]

@@ -214,12 +214,12 @@ def build_model(o: TrainOptions, tokenizer, log=print):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     try:
-        if o.init_adapter:  # continue an earlier run's adapter (its r, targets and saved modules)
+        if getattr(o, "init_adapter", None):  # continue an earlier run's adapter (its r, targets, saved modules)
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, o.init_adapter, is_trainable=True)
         else:
             model = get_peft_model(model, lora_config(o.model, o.lora_r, o.lora_alpha, o.lora_dropout,
-                                                      o.target_modules, o.train_vision, o.train_head))
+                                                      o.target_modules, o.train_vision, getattr(o, "train_head", False)))
     except ValueError as exc:
         raise InputError(f"--target_modules '{o.target_modules}': {' '.join(str(exc).split())[:200]}") from None
     trainable, total = model.get_nb_trainable_parameters()
