@@ -11,6 +11,9 @@ Commands (see docs/TRAINING.md):
     python train_sft_example.py --model tiny --dataset_dir runs/demo/processed --output_dir runs/demo/train \
         --quantization 8bit --learning_rate 1e-3 --per_device_train_batch_size 16 \
         --gradient_accumulation_steps 1 --max_steps 600 --no-gradient_checkpointing
+    # GRPO on the exact answer metric from an SFT run (docs/REASONING.md)
+    python train_sft_example.py --stage grpo --init_adapter runs/r1-8b-lora --dataset_dir ... \
+        --output_dir runs/r1-8b-grpo --learning_rate 1e-5
     # continue a killed run exactly where its last checkpoint left off
     python train_sft_example.py --dataset_dir ... --output_dir runs/r1-8b-lora --resume_from_checkpoint auto
     # several GPUs (DDP); FSDP / DeepSpeed configs in configs/
@@ -26,7 +29,7 @@ from pmcvqa_sft.train.options import add_arguments, from_namespace
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Flags, defaults, help and choices all come from `TrainOptions` (pmcvqa_sft/train_options.py)."""
+    """Flags, defaults, help and choices all come from `TrainOptions` (pmcvqa_sft/train/options.py)."""
     p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(p)
     return p.parse_args(argv)
@@ -34,8 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pmcvqa_sft.train.run import run_training
-    run_training(from_namespace(args))
+    opts = from_namespace(args)
+    if opts.stage == "grpo":  # reinforcement learning on the exact answer metric (TRL GRPOTrainer)
+        from pmcvqa_sft.train.grpo import run_grpo
+        run_grpo(opts)
+    else:
+        from pmcvqa_sft.train.run import run_training
+        run_training(opts)
     return 0
 
 

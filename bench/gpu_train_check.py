@@ -172,9 +172,28 @@ def gpu_memory(after_load: int) -> dict:
                 peak_reserved_gb=round(torch.cuda.max_memory_reserved() / gb, 2))
 
 
-def run_mode(a, mode: str, weights: Path, vocab: int, work: Path) -> dict:
+def step_timer(times: list):
+    """A Trainer callback appending each optimizer step's wall time (GPU-synchronised) to `times`."""
     import torch
     from transformers import TrainerCallback
+    cuda = torch.cuda.is_available()
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    return StepTimer()
+
+
+def run_mode(a, mode: str, weights: Path, vocab: int, work: Path) -> dict:
+    import torch
 
     from pmcvqa_sft.data.collate import SFTCollator
     from pmcvqa_sft.train.options import TrainOptions
@@ -193,21 +212,9 @@ def run_mode(a, mode: str, weights: Path, vocab: int, work: Path) -> dict:
     load_s = time.perf_counter() - t0
     after_load = torch.cuda.memory_allocated() if cuda else 0
     times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
     ds = synthetic_dataset(a, vocab, rows=a.batch * a.steps)
     trainer = _trainer_class()(model=model, args=training_arguments(o, has_eval=False), train_dataset=ds,
-                               data_collator=SFTCollator(pad_token_id=0), callbacks=[StepTimer()])
+                               data_collator=SFTCollator(pad_token_id=0), callbacks=[step_timer(times)])
     trainer.train()
     timed = times[a.warmup:] or times
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]

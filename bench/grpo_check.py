@@ -62,8 +62,8 @@ def grpo_dataset(rows: int, vision: bool, image_size: int):
 
 def run_grpo_mode(a, mode: str, weights: Path, processor, work: Path) -> dict:
     import torch
-    from transformers import TrainerCallback
 
+    from bench.gpu_train_check import gpu_memory, step_timer
     from pmcvqa_sft.train import rewards as R
     from pmcvqa_sft.train.grpo import _trainer_class, grpo_config
     from pmcvqa_sft.train.options import TrainOptions
@@ -86,22 +86,10 @@ def run_grpo_mode(a, mode: str, weights: Path, processor, work: Path) -> dict:
     load_s = time.perf_counter() - t0
     after_load = torch.cuda.memory_allocated() if cuda else 0
     times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
     ds = grpo_dataset(a.grpo_prompts * a.steps, a.vision, a.image_size)
     trainer = _trainer_class()(model=model, reward_funcs=[R.correct, R.format_ok],
                                args=grpo_config(o, [1.0, 0.1], has_eval=False), train_dataset=ds,
-                               processing_class=processor, callbacks=[StepTimer()])
+                               processing_class=processor, callbacks=[step_timer(times)])
     trainer.train()
     hist = [e for e in trainer.state.log_history if "reward" in e]
     timed = times[a.warmup:] or times
@@ -116,10 +104,7 @@ def run_grpo_mode(a, mode: str, weights: Path, processor, work: Path) -> dict:
                mean_completion_tokens=round(mean_len, 1),
                clipped_ratio=round(statistics.mean(e["completions/clipped_ratio"] for e in hist), 3) if hist else None,
                steps_timed=len(timed), reward_keys=sorted(k for k in (hist[0] if hist else {}) if "reward" in k))
-    if cuda:
-        from bench.gpu_train_check import gpu_memory
-        res.update(gpu_memory(after_load))
+    res.update(gpu_memory(after_load) if cuda else {})
     del trainer, model
-    if cuda:
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache() if cuda else None
     return res

@@ -40,7 +40,8 @@ class TrainOptions:
     stage: str = _opt("sft", "stage", "sft: supervised fine-tuning on the answers; grpo: reinforcement learning "
                                       "on the exact answer metric (train/grpo.py)", choices=STAGES)
     init_adapter: str | None = _opt(None, "stage", "start from this run's adapter (a train_sft_example.py output "
-                                                   "folder) instead of a fresh LoRA; its base is --model's default")
+                                                   "folder) instead of a fresh LoRA; its base model is used unless "
+                                                   "--model is given")
     # ---- model ----
     model: str = _opt(DEFAULT_MODEL, "model",
                       "base model: hub id, local folder, or 'tiny' (the embedded offline model)")

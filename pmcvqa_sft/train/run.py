@@ -417,9 +417,8 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
 
 def run_training(o: TrainOptions, log=print) -> dict:
     """Train; returns the run card (also written to `<output_dir>/run_card.json` by the main process)."""
-    if o.stage == "grpo":
-        from .grpo import run_grpo
-        return run_grpo(o, log=log)
+    if o.stage != "sft":  # --stage grpo is train/grpo.py's run_grpo (train_sft_example.py picks it)
+        raise InputError(f"run_training runs --stage sft; for --stage {o.stage} call train.grpo.run_grpo")
     run = setup_run(o, log=log)
     trainer, state, out = run.trainer, run.state, Path(o.output_dir)
     if run.resume:
