@@ -179,3 +179,29 @@ def test_grpo_logs_reward_length_and_clipping_to_tensorboard(sft_then_grpo):
                  "train/completions/clipped_ratio", "eval/strict"):
         assert want in tags, sorted(tags)
 
+
+
+def test_grpo_on_an_image_model_feeds_the_figures(processed_vision, tmp_path):
+    """tiny Qwen2.5-VL, 8-bit + LoRA: the prompt is the image conversation + an `image` column; the
+    figure's tokens are in every sampled sequence (TRL counts them in num_tokens)."""
+    r = _cli("--stage", "grpo", "--model", "tiny-vision", "--dataset_dir", processed_vision, "--output_dir",
+             tmp_path / "v", "--quantization", "8bit", "--max_steps", 1, "--per_device_train_batch_size", 4,
+             "--num_generations", 2, "--gradient_accumulation_steps", 1, "--max_completion_length", 8,
+             "--no-gradient_checkpointing", "--eval_steps", 1, "--logging_steps", 1, "--max_eval_samples", 4,
+             "--learning_rate", 1e-4, "--report_to", "none", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((tmp_path / "v" / "run_card.json").read_text())
+    assert card["model_kind"] == "vision" and card["prompt_opened_think"] is False
+    step = next(e for e in card["log_history"] if "num_tokens" in e)
+    from pmcvqa_sft.data.store import load_processed
+    from pmcvqa_sft.models.loading import load_processor
+    from pmcvqa_sft.train.grpo import grpo_rows
+    from pmcvqa_sft.train.options import TrainOptions
+    proc = load_processor("tiny-vision")
+    dsd, report = load_processed(processed_vision)
+    rows = grpo_rows(dsd["train"], report, TrainOptions(dataset_dir="-"), False, True)
+    text_only = [len(proc.tokenizer(proc.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
+                                    add_special_tokens=False)["input_ids"]) for r in rows]
+    per_sequence = step["num_tokens"] / 4 - step["completions/mean_length"]
+    assert per_sequence >= max(text_only) + 10  # 112 px figure = 16 image tokens in place of the one placeholder
+    assert [e["step"] for e in card["eval_strict"]] == [1]
