@@ -205,3 +205,20 @@ def test_grpo_on_an_image_model_feeds_the_figures(processed_vision, tmp_path):
     per_sequence = step["num_tokens"] / 4 - step["completions/mean_length"]
     assert per_sequence >= max(text_only) + 10  # 112 px figure = 16 image tokens in place of the one placeholder
     assert [e["step"] for e in card["eval_strict"]] == [1]
+
+
+def test_stage_table_copies_each_evaluation_block(tmp_path, capsys):
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.evaluate import stages
+    for name, acc in (("base", 0.0), ("sft", 0.262), ("grpo", 0.243)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"adapter": None, "split": "test", "model": {
+            "n": 210, "accuracy": acc, "accuracy_letter": acc, "accuracy_text": 0.995, "parsed_rate": 0.995,
+            "accuracy_definition": "strict"}}))
+    assert stages.main([str(tmp_path), *(f"{n}={tmp_path / n}" for n in ("base", "sft", "grpo"))]) == 0
+    got = json.loads((tmp_path / "metrics.json").read_text())
+    assert [got[n]["accuracy"] for n in ("base", "sft", "grpo")] == [0.0, 0.262, 0.243]
+    assert got["grpo"]["parsed_rate"] == 0.995 and got["sft"]["accuracy_text"] == 0.995
+    assert "26.2%" in capsys.readouterr().out
+    with pytest.raises(InputError, match="metrics.json"):
+        stages.stage_block(tmp_path / "absent")
