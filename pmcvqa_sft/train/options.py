@@ -18,8 +18,8 @@ STAGES = ("sft", "grpo")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 GROUP_DESCRIPTIONS: dict[str, str] = {  # an argparse group's one-line description, when it needs one
     "image models": "used when --model is an image-text-to-text model",
-    "GRPO": "used with --stage grpo (TRL GRPOTrainer; docs/REASONING.md); --per_device_train_batch_size then "
-            "counts completions (prompts per step x --num_generations)"}
+    "GRPO": "used with --stage grpo (TRL GRPOTrainer; docs/REASONING.md); the train batch size then counts "
+            "completions (prompts per step times the generations per prompt)"}
 
 
 def _opt(default, group: str, help: str, **argparse_kw):
