@@ -30,7 +30,7 @@ from ..models.kind import is_vision_model
 from ..models.loading import check_bitsandbytes, compute_dtype, load_processor, load_tokenizer, resolve_name
 from .. import prompts
 from . import rewards as R
-from .checkpoints import drop_partial, newest_size
+from .checkpoints import drop_partial, newest_complete, newest_size, set_aside
 from .options import TrainOptions
 from .plots import plot_loss_curve
 from .run import (KILL_ENV, LOSS_PNG, MARKER, _callbacks, _cpu_only, _device_name, build_model, check_dataset_matches,
@@ -179,14 +179,22 @@ def run_grpo(o: TrainOptions, log=print) -> dict:
     processor = load_processor(o.model) if vision else None
     tokenizer = processor.tokenizer if vision else load_tokenizer(o.model)
     check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
-    resume = resolve_resume(o, log=log)
+    from accelerate import PartialState
+    state = PartialState(cpu=_cpu_only())  # several GPUs (accelerate launch): rank 0 writes the folder
+    resume = resolve_resume(o, log=log if state.is_main_process else (lambda *_: None))
     check_resume_options(o, resume)
+    state.wait_for_everyone()
     out = Path(o.output_dir)
-    if o.overwrite and resume is None and out.is_dir() and o.resume_from_checkpoint is None:
-        import shutil
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / MARKER, dataclasses.asdict(o), default=str)
+    if state.is_main_process:
+        if o.resume_from_checkpoint == "auto":  # partial checkpoints (a kill during a save) are set aside
+            for partial, _ in newest_complete(out)[1]:
+                set_aside(partial)
+        if o.overwrite and resume is None and out.is_dir() and o.resume_from_checkpoint is None:
+            import shutil
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / MARKER, dataclasses.asdict(o), default=str)
+    state.wait_for_everyone()
 
     train = dsd["train"] if o.max_samples is None else dsd["train"].select(range(min(o.max_samples, len(dsd["train"]))))
     if len(train) == 0:
@@ -218,7 +226,8 @@ def run_grpo(o: TrainOptions, log=print) -> dict:
     if resume:
         log(f"resuming from {resume}")
     t0 = time.perf_counter()
-    with disk_full_is_input_error(out, needed=lambda: newest_size(out), cleanup=lambda: drop_partial(out),
+    with disk_full_is_input_error(out, needed=lambda: newest_size(out),
+                                  cleanup=lambda: drop_partial(out) if state.is_main_process else None,
                                   hint="; free some space and rerun with --resume_from_checkpoint auto"):
         result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - t0
@@ -237,12 +246,14 @@ def run_grpo(o: TrainOptions, log=print) -> dict:
         "train_curves": {k: [(e["step"], e[k]) for e in history if k in e] for k in LOGGED},
         "log_history": history, "runtime_s": round(wall, 3), "train_metrics": result.metrics,
     }
-    with disk_full_is_input_error(out, hint="; the checkpoints are kept: free some space and rerun with "
-                                            "--resume_from_checkpoint auto"):
-        save_adapter(trainer.model, processor or tokenizer, out, resolve_name(o.model))
-        plot_loss_curve(history, out / LOSS_PNG, title=f"GRPO of {o.model}")
-        write_json(out / RUN_CARD, card, default=str)
-    log(f"adapter: {out / ADAPTER_DIR}; run card: {out / RUN_CARD}; curves: {out / LOSS_PNG}")
+    if state.is_main_process:
+        with disk_full_is_input_error(out, hint="; the checkpoints are kept: free some space and rerun with "
+                                                "--resume_from_checkpoint auto"):
+            save_adapter(trainer.model, processor or tokenizer, out, resolve_name(o.model))
+            plot_loss_curve(history, out / LOSS_PNG, title=f"GRPO of {o.model}")
+            write_json(out / RUN_CARD, card, default=str)
+        log(f"adapter: {out / ADAPTER_DIR}; run card: {out / RUN_CARD}; curves: {out / LOSS_PNG}")
+    state.wait_for_everyone()
     return card
 
 
