@@ -8,7 +8,6 @@ stage's name into RUN/metrics.json, and the table is printed. The numbers are th
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

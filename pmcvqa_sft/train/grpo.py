@@ -30,11 +30,11 @@ from ..models.kind import is_vision_model
 from ..models.loading import check_bitsandbytes, compute_dtype, load_processor, load_tokenizer, resolve_name
 from .. import prompts
 from . import rewards as R
-from .checkpoints import drop_partial, newest_complete, newest_size, set_aside
+from .checkpoints import drop_partial, newest_size
 from .options import TrainOptions
 from .plots import plot_loss_curve
-from .run import (KILL_ENV, LOSS_PNG, MARKER, _callbacks, _cpu_only, _device_name, build_model, check_dataset_matches,
-                  check_resume_options, library_versions, resolve_init, resolve_resume, save_adapter, validate_options)
+from .run import (KILL_ENV, LOSS_PNG, _callbacks, _cpu_only, _device_name, build_model, check_dataset_matches,
+                  library_versions, prepare_output, resolve_init, save_adapter, validate_options)
 
 VAL_ROWS = 200  # validation rows scored greedily at each evaluation when --max_eval_samples is not given
 LOGGED = ("reward", "reward_std", "completions/mean_length", "completions/clipped_ratio", "kl")
@@ -179,22 +179,8 @@ def run_grpo(o: TrainOptions, log=print) -> dict:
     processor = load_processor(o.model) if vision else None
     tokenizer = processor.tokenizer if vision else load_tokenizer(o.model)
     check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
-    from accelerate import PartialState
-    state = PartialState(cpu=_cpu_only())  # several GPUs (accelerate launch): rank 0 writes the folder
-    resume = resolve_resume(o, log=log if state.is_main_process else (lambda *_: None))
-    check_resume_options(o, resume)
-    state.wait_for_everyone()
+    state, resume = prepare_output(o, log)  # rank 0 writes the run folder (run.py)
     out = Path(o.output_dir)
-    if state.is_main_process:
-        if o.resume_from_checkpoint == "auto":  # partial checkpoints (a kill during a save) are set aside
-            for partial, _ in newest_complete(out)[1]:
-                set_aside(partial)
-        if o.overwrite and resume is None and out.is_dir() and o.resume_from_checkpoint is None:
-            import shutil
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / MARKER, dataclasses.asdict(o), default=str)
-    state.wait_for_everyone()
 
     train = dsd["train"] if o.max_samples is None else dsd["train"].select(range(min(o.max_samples, len(dsd["train"]))))
     if len(train) == 0:

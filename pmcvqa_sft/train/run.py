@@ -362,21 +362,10 @@ class RunSetup:
     processor: object = None  # image models: tokenizer + image processor, saved with the adapter
 
 
-def setup_run(o: TrainOptions, log=print) -> RunSetup:
-    """Checks, output folder, data, model and the Trainer, ready for `trainer.train()`."""
+def prepare_output(o: TrainOptions, log=print):
+    """(accelerate state, checkpoint to resume or None): the resume checks on every rank, then rank 0
+    sets partial checkpoints aside, clears the folder for --overwrite and writes train_args.json."""
     from accelerate import PartialState
-
-    validate_options(o)
-    o = resolve_init(o)
-    configure_threads(o.model, o.threads)  # 1 thread for the tiny model / small CPU machines (threads.py)
-    dsd, report = load_processed(o.dataset_dir)
-    check_bitsandbytes(o.quantization)
-    vision = is_vision_model(o.model)  # the one text-or-image decision of this stage
-    check_model_kind(report, vision, o.dataset_dir, o.model)
-    processor = load_processor(o.model) if vision else None
-    tokenizer = processor.tokenizer if vision else load_tokenizer(o.model)
-    tokenizer.padding_side = "right"  # training pads on the right; generation (elsewhere) on the left
-    check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
     # sets up the process group under `accelerate launch` / torchrun; without an accelerator accelerate
     # only forms a multi-process (gloo) group when told it runs on the CPU
     state = PartialState(cpu=_cpu_only())
@@ -393,6 +382,23 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / MARKER, dataclasses.asdict(o), default=str)
     state.wait_for_everyone()
+    return state, resume
+
+
+def setup_run(o: TrainOptions, log=print) -> RunSetup:
+    """Checks, output folder, data, model and the Trainer, ready for `trainer.train()`."""
+    validate_options(o)
+    o = resolve_init(o)
+    configure_threads(o.model, o.threads)  # 1 thread for the tiny model / small CPU machines (threads.py)
+    dsd, report = load_processed(o.dataset_dir)
+    check_bitsandbytes(o.quantization)
+    vision = is_vision_model(o.model)  # the one text-or-image decision of this stage
+    check_model_kind(report, vision, o.dataset_dir, o.model)
+    processor = load_processor(o.model) if vision else None
+    tokenizer = processor.tokenizer if vision else load_tokenizer(o.model)
+    tokenizer.padding_side = "right"  # training pads on the right; generation (elsewhere) on the left
+    check_dataset_matches(report, tokenizer, o.dataset_dir, o.model)
+    state, resume = prepare_output(o, log)
 
     train_ds, eval_ds = prepare_datasets(dsd, o, processor.image_processor if vision else None, report, log)
     log(f"train rows: {len(train_ds)}; validation rows: {len(eval_ds) if eval_ds is not None else 0}"
