@@ -181,6 +181,7 @@ def test_grpo_logs_reward_length_and_clipping_to_tensorboard(sft_then_grpo):
 
 
 
+@pytest.mark.slow
 def test_grpo_on_an_image_model_feeds_the_figures(processed_vision, tmp_path):
     """tiny Qwen2.5-VL, 8-bit + LoRA: the prompt is the image conversation + an `image` column; the
     figure's tokens are in every sampled sequence (TRL counts them in num_tokens)."""
@@ -222,3 +223,21 @@ def test_stage_table_copies_each_evaluation_block(tmp_path, capsys):
     assert "26.2%" in capsys.readouterr().out
     with pytest.raises(InputError, match="metrics.json"):
         stages.stage_block(tmp_path / "absent")
+
+
+@pytest.mark.slow
+def test_grpo_with_beta_logs_kl_to_the_starting_adapter(sft_then_grpo, processed_tiny, tiny_dir, tmp_path):
+    """beta > 0 on an --init_adapter run: TRL keeps a frozen copy of the SFT adapter as the reference
+    ("ref" adapter), and `kl` is logged (run card curves, PNG panel)."""
+    out = sft_then_grpo[0]
+    r = _cli("--stage", "grpo", "--init_adapter", out / "sft", "--dataset_dir", processed_tiny, "--output_dir",
+             tmp_path / "kl", "--quantization", "none", "--beta", 0.04, "--max_steps", 2,
+             "--per_device_train_batch_size", 8, "--num_generations", 4, "--gradient_accumulation_steps", 1,
+             "--max_completion_length", 16, "--no-gradient_checkpointing", "--eval_steps", 2, "--logging_steps", 1,
+             "--max_eval_samples", 4, "--learning_rate", 1e-3, "--report_to", "none", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((tmp_path / "kl" / "run_card.json").read_text())
+    kl = card["train_curves"]["kl"]
+    # step 1: policy = reference up to LoRA dropout (the base without the SFT adapter would be far away)
+    assert [s for s, _ in kl] == [1, 2] and kl[0][1] == pytest.approx(0, abs=1e-3)
+    assert card["args"]["beta"] == 0.04
