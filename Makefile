@@ -129,6 +129,7 @@ bench: setup
 	$(PYTHON) bench/bench_threads.py
 	$(PYTHON) bench/bench_tokenizer_hash.py
 	OMP_NUM_THREADS=1 $(PYTHON) bench/bench_vision.py
+	OMP_NUM_THREADS=1 $(PYTHON) bench/bench_serve.py
 
 clean:
 	rm -rf artifacts runs

@@ -17,7 +17,7 @@ Commands (offline, with the embedded tiny model; replace `tiny` / the adapter fo
         --question "What colour is the square in the figure?" --choices Red Green Blue Yellow
     python inference_example.py --adapter runs/demo-vision/model --evaluate --dataset_dir runs/demo-vision/data \\
         --compare_base --output_dir runs/demo-vision/eval
-    python inference_example.py --compare_runs runs/demo/eval runs/demo-vision/eval
+    python inference_example.py --compare_runs runs/demo-vision/eval runs/demo-vision-2/eval   # same test split
 The real model: `--adapter runs/r1-8b-lora` (its base, deepseek-ai/DeepSeek-R1-Distill-Llama-8B, comes
 from the adapter config; 8-bit on CUDA by default). See docs/INFERENCE_AND_EVALUATION.md.
 """
@@ -36,7 +36,8 @@ def parse_args(argv=None):
                    help="base model: hub id, local folder (a merged model too) or 'tiny'; default: the "
                         "adapter's base model, else deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
     p.add_argument("--adapter", default=None,
-                   help="training output folder (adapter_config.json in it or in its adapter/ subfolder); "
+                   help="training output folder (adapter_config.json in it or in its adapter/ subfolder), or the run "
+                        "folder holding it as model/ (make demo's RUN); "
                         "its tokenizer and chat template are used")
     p.add_argument("--quantization", choices=["8bit", "4bit", "none"], default=None,
                    help="weight quantization (default: 8bit on CUDA, none elsewhere)")
@@ -112,6 +113,13 @@ def parse_args(argv=None):
                           "(default: ~/.cache/pmcvqa_sft/served)")
     srv.add_argument("--ready_timeout", type=float, default=900.0,
                      help="seconds to wait for the engine to answer before giving up (default: %(default)s)")
+    srv.add_argument("--max_request_bytes", type=int, default=None,
+                     help="--serve: largest request body accepted, in bytes; a larger one is refused with 413 "
+                          "before it is parsed (default: 16 MiB, room for a few figures as data URLs)")
+    srv.add_argument("--max_prompt_tokens", type=int, default=None,
+                     help="--serve: longest prompt accepted, in tokens, refused with 400 (a text that cannot fit "
+                          "before it is tokenized) (default: the model's context - 1); answers are always "
+                          "clipped to the room left in the context")
     srv.add_argument("--task_name", default=None,
                      help="lm-eval task name for --export_lm_eval (default: pmcvqa_<split>)")
     return p.parse_args(argv)
@@ -143,7 +151,8 @@ def main(argv=None) -> int:
         if not args.adapter:
             raise InputError("--serve needs --adapter (the training output folder to serve)")
         return serving.serve(args.adapter, args.model, args.engine, args.host, args.port, args.quantization,
-                             args.serve_cache, args.served_model_name, args.ready_timeout)
+                             args.serve_cache, args.served_model_name, args.ready_timeout,
+                             args.max_request_bytes, args.max_prompt_tokens)
     if args.export_lm_eval:
         from pmcvqa_sft.evaluate import lm_eval as lm_eval_task
         lm_eval_task.export(args.export_lm_eval, args.dataset_dir, args.split, args.num_samples, args.model,
@@ -158,9 +167,13 @@ def main(argv=None) -> int:
     from pmcvqa_sft.infer.generation import check_sampling
     check_sampling(args.temperature, args.top_p)
 
-    from pmcvqa_sft.infer.answer import answer_question, normalize_choices
+    from pmcvqa_sft.infer.answer import answer_question, conflict_note, normalize_choices
     from pmcvqa_sft.models import adapters as inference
     choices = normalize_choices(args.choices) if args.choices else None  # fail before loading
+    image = None
+    if args.image:  # the figure is read and checked before the (slow) model load
+        from pmcvqa_sft.data.figures import open_image
+        image = open_image(args.image)
     if args.merge_and_save:
         if not args.adapter:
             raise InputError("--merge_and_save needs --adapter")
@@ -194,17 +207,21 @@ def main(argv=None) -> int:
         return console.run_demo(loaded.model, loaded.processor or loaded.tokenizer, settings, loaded.system_prompt,
                                 max_pixels=args.max_pixels or card_max_pixels(loaded.card))
     ans = answer_question(args.question, choices, loaded.model, loaded.processor or loaded.tokenizer,
-                                    caption=args.caption, system_prompt=loaded.system_prompt,
-                                    greedy=not settings.do_sample, temperature=args.temperature,
-                                    top_p=args.top_p, max_new_tokens=settings.max_new_tokens, image=args.image,
-                                    max_pixels=args.max_pixels or card_max_pixels(loaded.card))
+                          caption=args.caption, system_prompt=loaded.system_prompt,
+                          greedy=not settings.do_sample, temperature=args.temperature,
+                          top_p=args.top_p, max_new_tokens=settings.max_new_tokens, image=image,
+                          max_pixels=args.max_pixels or card_max_pixels(loaded.card))
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False, indent=2))
         return 0
     if ans.reasoning:
         print(f"reasoning: {ans.reasoning}")
     print(f"answer: {ans.letter + '. ' if ans.letter else ''}{ans.answer or '(no parseable answer)'}")
-    print(f"({ans.n_tokens} tokens, {ans.seconds:.2f} s)")
+    note = conflict_note(ans, choices)
+    if note:
+        print(f"note: {note}")
+    cut = "" if ans.finished else ", cut before the end (--max_new_tokens or the model's context)"
+    print(f"({ans.n_tokens} tokens, {ans.seconds:.2f} s{cut})")
     return 0
 
 

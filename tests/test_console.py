@@ -62,3 +62,28 @@ def test_ctrl_c_stops_generation_and_the_console_goes_on(tiny_dir, tiny_tokenize
     assert "usage: /think on|off" in text and "unknown command" not in text
     assert generated[1] == N_NEW and f"[{N_NEW} tokens" in text  # the next question is answered in full
     assert text.rstrip().endswith("bye")
+
+
+def test_refused_figure_and_overlong_prompt_are_one_line_and_the_chat_goes_on(tmp_path, monkeypatch, one_thread):
+    """A 5000x10 figure (aspect_ratio) and a question past the model's context: one line each, the
+    question is dropped, and the next question is answered in the same conversation."""
+    from PIL import Image
+
+    from pmcvqa_sft.infer.console import run_console
+    from pmcvqa_sft.infer.generation import GenerationSettings
+    from pmcvqa_sft.models.adapters import load_for_inference
+    loaded = load_for_inference("tiny-vision", None, "none", log=lambda *_: None)
+    Image.new("RGB", (5000, 10)).save(tmp_path / "wide.png")
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "ok.png")
+    script = [f"/image {tmp_path / 'wide.png'}", f"/image {tmp_path / 'ok.png'}", "What colour is it?",
+              "word " * 3000, "And the shape?", "/exit"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    out = io.StringIO()
+    code = run_console(loaded.model, loaded.processor, GenerationSettings(do_sample=False, max_new_tokens=4), out=out)
+    text = out.getvalue()
+    assert code == 0 and "aspect_ratio" in text and "200:1" in text
+    assert f"(figure {tmp_path / 'ok.png'} attached" in text
+    dropped = [line for line in text.splitlines() if "the question is dropped" in line]
+    assert len(dropped) == 1 and "the model takes at most 2048" in dropped[0]
+    assert text.count(" tokens, ") == 2, text  # the first and the last question were answered
+    assert text.rstrip().endswith("bye")

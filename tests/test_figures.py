@@ -262,3 +262,29 @@ def test_hub_archive_missing_file_is_one_line_error(fake_hub):
     with pytest.raises(InputError, match="has no images.zip"):
         figures.hub_archive("xmcmic/PMC-VQA", "1", log=lambda *_: None)
     assert not [c for c in fake_hub.calls if c[0] == "download"]
+
+
+def test_extreme_aspect_ratio_is_a_named_skip_everywhere(tmp_path):
+    """5000x10 would crash Qwen's resize ("aspect ratio must be smaller than 200"): refused as
+    figure_aspect_ratio by the same check preprocessing, --image, the console and the server use."""
+    from PIL import Image
+
+    for size, ok in (((5000, 10), False), ((10, 2001), False), ((2000, 10), True)):
+        Image.new("RGB", size).save(tmp_path / "f.png")
+        if ok:
+            assert figures.check_figure(tmp_path, "f.png", "folder") == size
+            continue
+        with pytest.raises(figures.FigureSkip) as exc:
+            figures.check_figure(tmp_path, "f.png", "folder")
+        assert exc.value.reason == "aspect_ratio" and "200:1" in str(exc.value)
+        with pytest.raises(figures.FigureSkip):
+            figures.check_image_bytes((tmp_path / "f.png").read_bytes(), "x")
+
+
+def test_pixel_limit_in_the_message_is_the_documented_one(tmp_path):
+    from PIL import Image
+
+    Image.new("1", (20000, 10000)).save(tmp_path / "big.png")  # 200 M pixels: over PIL's own 2x limit too
+    with pytest.raises(figures.FigureSkip) as exc:
+        figures.check_figure(tmp_path, "big.png", "folder")
+    assert exc.value.reason == "oversized" and f"{figures.MAX_FIGURE_PIXELS:,}" in str(exc.value)

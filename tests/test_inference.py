@@ -357,3 +357,68 @@ def test_truncated_rows_are_evaluated_with_the_trained_prompt(loaded, known_rows
     for row, rec in zip(ds, preds):
         assert rec["tuned"]["prompt_tokens"] == row["labels"].count(-100) < max_length
     assert metrics["truncated_rows"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 17: figures checked before the model loads, the letter/text note, the context clip, --adapter RUN
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_image_errors_come_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from pmcvqa_sft.models import adapters
+    monkeypatch.setattr(adapters, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    Image.new("RGB", (5000, 10)).save(tmp_path / "wide.png")
+    for image, words in ((tmp_path / "wide.png", "aspect_ratio"), (tmp_path, "is a folder"),
+                         (tmp_path / "none.png", "does not exist")):
+        code, _, err = _cli(["--model", "tiny-vision", "--question", "Q?", "--image", str(image)], capsys)
+        assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_cli_flags_an_answer_whose_letter_and_text_disagree(adapter_dir, capsys, monkeypatch):
+    """`Answer: D. Liver` with Liver = C: printed as written, with a note that it is self-contradictory."""
+    from pmcvqa_sft import prompts
+    from pmcvqa_sft.infer import answer
+    from pmcvqa_sft.infer.generation import Generated
+    line = prompts.ANSWER_TEMPLATE.format(letter="D", text="Liver")
+    monkeypatch.setattr(answer, "generate_batch", lambda *a, **k: [Generated(f"ok{prompts.THINK_CLOSE}\n\n{line}",
+                                                                            [1, 2, 3], True)])
+    argv = ["--adapter", str(adapter_dir), "--question", "Which organ produces bile?", "--greedy",
+            "--choices", "Kidney", "Spleen", "Liver", "Heart"]
+    code, out, _ = _cli(argv, capsys)
+    assert code == 0 and "answer: D. Liver" in out
+    assert "note: the model wrote letter D (Heart) but choice C's text ('Liver')" in out
+    monkeypatch.setattr(answer, "generate_batch", lambda *a, **k: [Generated(
+        f"ok{prompts.THINK_CLOSE}\n\n{line.replace('D', 'C')}", [1, 2, 3], False)])
+    code, out, _ = _cli(argv, capsys)
+    assert code == 0 and "answer: C. Liver" in out and "note:" not in out and "cut before the end" in out
+
+
+def test_cli_answer_is_clipped_to_the_context(loaded):
+    from pmcvqa_sft.format.encoding import render_prompt
+    from pmcvqa_sft.infer.generation import GenerationSettings, context_length, generate_batch
+    ctx = context_length(loaded.model)
+    prompt = render_prompt(loaded.tokenizer, [{"role": "user", "content": "Which organ produces bile? " * 150}])
+    n = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert ctx // 2 < n < ctx
+    gen = generate_batch(loaded.model, loaded.tokenizer, [prompt], GenerationSettings(False, max_new_tokens=10**6))[0]
+    assert n + len(gen.token_ids) <= ctx and (gen.finished or n + len(gen.token_ids) == ctx)
+
+
+def test_adapter_run_folder_is_accepted(adapter_dir, tmp_path):
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.models.adapters import find_adapter_dir
+    run = tmp_path / "demo-2026"
+    shutil.copytree(adapter_dir, run / "model")
+    assert find_adapter_dir(run) == find_adapter_dir(run / "model")  # `--adapter RUN`, as make demo prints it
+    with pytest.raises(InputError, match="is a file"):
+        find_adapter_dir(run / "model" / "adapter_config.json")
+
+
+def test_compare_runs_refuses_one_folder_twice(tmp_path):
+    from pmcvqa_sft.core.errors import InputError
+    from pmcvqa_sft.evaluate.compare import compare_runs
+    (tmp_path / "e").mkdir()
+    with pytest.raises(InputError, match="same folder twice"):
+        compare_runs([str(tmp_path / "e"), str(tmp_path / "e" / ".." / "e")])

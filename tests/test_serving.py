@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV_1T = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
           "TOKENIZERS_PARALLELISM": "false"}
 HANG_GUARD = 600  # seconds; only against a hung subprocess, never a speed assertion
+MAX_BYTES = 4 << 20  # the shared server's --max_request_bytes (not the default: the flag is exercised)
 
 
 def _need(*modules):
@@ -177,7 +178,8 @@ def served(adapter_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("serve-cache")
     port = _free_port()
     srv = _Server(["--adapter", str(adapter_dir), "--serve", "--port", str(port), "--serve_cache", str(cache),
-                   "--served_model_name", "tiny-run", "--ready_timeout", str(HANG_GUARD)])
+                   "--served_model_name", "tiny-run", "--ready_timeout", str(HANG_GUARD),
+                   "--max_request_bytes", str(MAX_BYTES)])
     try:
         base_url = srv.wait_ready()
         yield srv, base_url, port, cache
@@ -269,6 +271,134 @@ def test_served_tokenizer_splits_reasoning_from_the_answer(served, known_rows):
     content, reasoning, calls = parse_assistant_message(tok, llama, reply, input_ids=[prompt])
     assert reasoning.strip() == "Iron stains blue." and content.strip() == "Answer: D. Prussian blue"
     assert calls is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the request guard (infer/serve_engine.py): malformed bodies, size bounds, context clipping, routes
+# ---------------------------------------------------------------------------------------------------
+
+
+def _post(base_url, body, path="/chat/completions"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"{base_url}{path}", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=HANG_GUARD) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_malformed_bodies_are_400_with_a_message(served, known_rows):
+    _srv, base_url, _port, _ = served
+    user = {"role": "user", "content": "x"}
+    png = "data:image/png;base64,iVBORw0KGgo="
+    bad = {
+        "messages": [{"model": "tiny-run", "messages": "hi"}, {"model": "tiny-run", "messages": user},
+                     {"model": "tiny-run"}, {"model": "tiny-run", "messages": [5]}],
+        "content": [{"model": "tiny-run", "messages": [{"role": "user", "content": 5}]},
+                    {"model": "tiny-run", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}],
+        "role": [{"model": "tiny-run", "messages": [{"role": "robot", "content": "x"}]}],
+        "max_tokens": [{"model": "tiny-run", "messages": [user], "max_tokens": -1},
+                       {"model": "tiny-run", "messages": [user], "max_tokens": "9"}],
+        "temperature": [{"model": "tiny-run", "messages": [user], "temperature": "hot"}],
+        "generation_config": [{"model": "tiny-run", "messages": [user], "generation_config": "{}"}],
+        "data: URL": [{"model": "tiny-run", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]}],
+        "takes no images": [{"model": "tiny-run", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "x"}]}]}],
+    }
+    for word, bodies in bad.items():
+        for body in bodies:
+            code, out = _post(base_url, body)
+            assert code == 400 and word in out["detail"] and "\n" not in out["detail"], (body, code, out)
+    _row, text = _question(known_rows)
+    code, out = _post(base_url, {"model": "tiny-run", "messages": [{"role": "user", "content": text}], "max_tokens": 8})
+    assert code == 200 and out["choices"]
+
+
+def test_size_bounds_refuse_before_tokenizing(served, known_rows):
+    """A body over --max_request_bytes (set to 4 MB by the fixture) is a 413, read and dropped, never parsed;
+    a text that cannot fit the prompt-token bound is a 400 before the chat template and tokenizer run;
+    the server goes on serving."""
+    _srv, base_url, _port, _ = served
+    huge = json.dumps({"model": "tiny-run", "messages": [{"role": "user", "content": "w" * (MAX_BYTES + 10)}]})
+    code, out = _post(base_url, huge.encode())
+    assert code == 413 and f"limit of {MAX_BYTES} bytes" in out["detail"] and "--max_request_bytes" in out["detail"]
+    code, out = _post(base_url, {"model": "tiny-run", "messages": [{"role": "user", "content": "word " * 200_000}]})
+    assert code == 400 and "at most 1023 prompt tokens" in out["detail"] and "its text alone is at least" in out["detail"]
+    _row, text = _question(known_rows)
+    code, out = _post(base_url, {"model": "tiny-run", "messages": [{"role": "user", "content": text}], "max_tokens": 8})
+    assert code == 200
+
+
+def test_prompt_bound_is_a_lower_bound_on_the_token_count(adapter_dir):
+    """chars // longest vocabulary entry never exceeds the real token count (so nothing that fits is refused)."""
+    from pmcvqa_sft.infer import serve_engine
+    from pmcvqa_sft.models.loading import load_tokenizer
+    tok = load_tokenizer(str(adapter_dir))
+    longest = serve_engine.longest_token_chars(tok)
+    for text in ("word " * 3000, "Which organ produces bile? " * 200, "x" * 5000, "\n" * 4000):
+        assert len(text) // longest <= len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_max_tokens_is_clipped_to_the_context(served, adapter_dir):
+    """A long prompt with a huge max_tokens: prompt + answer never pass the model's context, and the
+    finish_reason says why it stopped ("length"), streamed or not."""
+    from openai import OpenAI
+    from transformers import AutoConfig
+    _srv, base_url, _port, _ = served
+    ctx = AutoConfig.from_pretrained(json.loads((adapter_dir / "adapter_config.json").read_text())
+                                     ["base_model_name_or_path"]).max_position_embeddings
+    client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=HANG_GUARD)
+    q = "Question: " + "Which organ produces bile? " * 150
+    kw = dict(model="tiny-run", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=100_000)
+    r = client.chat.completions.create(**kw)
+    assert r.usage.prompt_tokens > ctx // 2 and r.usage.total_tokens <= ctx
+    assert r.choices[0].finish_reason == ("length" if r.usage.total_tokens == ctx else "stop")
+    reasons = [c.choices[0].finish_reason for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert reasons[-1] == r.choices[0].finish_reason
+
+
+def test_streamed_content_equals_the_plain_content(served, known_rows):
+    from openai import OpenAI
+    _srv, base_url, _port, _ = served
+    _row, user = _question(known_rows)
+    client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=HANG_GUARD)
+    kw = dict(model="tiny-run", messages=[{"role": "user", "content": user}], temperature=0, max_tokens=64)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert streamed == plain and not plain.startswith("\n")  # exactly, no strip()
+
+
+def test_admin_and_raw_routes_are_not_served(served, known_rows):
+    _srv, base_url, _port, _ = served
+    root = base_url[:-len("/v1")]
+    for path in ("/reset", "/load_model", "/v1/completions", "/v1/responses"):
+        code, out = _post(root, {"model": "tiny-run"}, path=path)
+        assert code == 404 and "not served here" in out["detail"]
+    _row, text = _question(known_rows)
+    code, _ = _post(base_url, {"model": "tiny-run", "messages": [{"role": "user", "content": text}], "max_tokens": 8})
+    assert code == 200  # /reset did not unload the model
+
+
+def test_served_name_is_the_run_folder(adapter_dir, tmp_path):
+    from pmcvqa_sft.infer import serving
+    from pmcvqa_sft.models.adapters import find_adapter_dir
+    run = tmp_path / "demo-2026"
+    shutil.copytree(adapter_dir, run / "model")
+    assert serving.run_name(find_adapter_dir(run)) == serving.run_name(find_adapter_dir(run / "model")) == "demo-2026"
+
+
+def test_guard_flags_reach_the_engine_and_bad_values_are_one_line(adapter_dir, capsys):
+    from pmcvqa_sft.infer import serving
+    prep = serving.Prepared("m", Path("x"), Path("."), "b", False)
+    cmd = serving.transformers_command(prep, "127.0.0.1", 8000, "none", max_request_bytes=5000, max_prompt_tokens=77)
+    assert cmd[cmd.index("--max_request_bytes") + 1] == "5000" and cmd[cmd.index("--max_prompt_tokens") + 1] == "77"
+    assert cmd.index("--max_prompt_tokens") < cmd.index("--") < cmd.index("m")
+    for flag, value in (("--max_request_bytes", "10"), ("--max_prompt_tokens", "0")):
+        code, _, err = _cli(["--adapter", str(adapter_dir), "--serve", flag, value], capsys)
+        assert code == 2 and flag in err and err.count("\n") == 1
 
 
 def test_server_stops_cleanly_and_the_merge_is_reused(served, adapter_dir):

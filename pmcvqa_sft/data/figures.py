@@ -15,6 +15,9 @@ figure whose real path leaves the folder (a symlink) too. Bad figures are named 
     unreadable   not an image PIL can identify, or corrupt data
     truncated    the image data ends early
     oversized    more than MAX_FIGURE_PIXELS pixels (decompression bomb) or a member over MAX_FIGURE_BYTES
+    aspect_ratio longer side over MAX_ASPECT_RATIO times the shorter (5000x10): the Qwen2-VL image processor
+                 cannot resize it (it raises), so such a figure is refused everywhere, not padded: a 200:1
+                 strip holds nothing a 28-pixel patch grid can show
     unsafe_path  absolute path, `..`, or a link out of the folder
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import io
 import os
 from pathlib import Path
 import posixpath
+import re
 import warnings
 import zipfile
 
@@ -31,8 +35,9 @@ from ..core.errors import InputError
 
 MAX_FIGURE_PIXELS = 89_478_485   # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
 MAX_FIGURE_BYTES = 256 << 20     # a figure file/member larger than this is not read (zip bomb guard)
+MAX_ASPECT_RATIO = 200           # Qwen2-VL's smart_resize refuses max(w, h) / min(w, h) above this
 HUB_ARCHIVES = {"1": "images.zip", "2": "images_2.zip"}
-SKIP_REASONS = ("missing", "empty", "unreadable", "truncated", "oversized", "unsafe_path")
+SKIP_REASONS = ("missing", "empty", "unreadable", "truncated", "oversized", "aspect_ratio", "unsafe_path")
 
 
 class FigureSkip(Exception):
@@ -157,15 +162,21 @@ def _decode(data: bytes, ref: str, fast: bool = False):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
         try:
             im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise FigureSkip("oversized", f"{ref}: {exc}") from None
+        except Image.DecompressionBombError as exc:  # PIL's own limit (twice ours): report ours
+            m = re.search(r"\((\d+) pixels\)", str(exc))
+            got = f"{int(m.group(1)):,} pixels, " if m else ""
+            raise FigureSkip("oversized", f"{ref}: {got}over {MAX_FIGURE_PIXELS:,}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise FigureSkip("unreadable", f"{ref}: {exc}") from None
+            why = "not an image format PIL knows" if isinstance(exc, UnidentifiedImageError) else exc
+            raise FigureSkip("unreadable", f"{ref}: {why}") from None
         w, h = im.size
         if w <= 0 or h <= 0:
             raise FigureSkip("empty", f"{ref}: {w}x{h} pixels")
         if w * h > MAX_FIGURE_PIXELS:
-            raise FigureSkip("oversized", f"{ref}: {w}x{h} pixels (over {MAX_FIGURE_PIXELS})")
+            raise FigureSkip("oversized", f"{ref}: {w}x{h} pixels (over {MAX_FIGURE_PIXELS:,})")
+        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+            raise FigureSkip("aspect_ratio", f"{ref}: {w}x{h} pixels, {max(w, h) / min(w, h):.0f}:1 (image models "
+                                             f"take at most {MAX_ASPECT_RATIO}:1)")
         if fast and im.format == "JPEG":
             # Decode at 1/8 scale: the whole entropy-coded stream is still read (so truncation is
             # caught) but the inverse DCT work shrinks ~8x. Only for the check, never for training.
@@ -186,6 +197,14 @@ def _decode(data: bytes, ref: str, fast: bool = False):
 def check_figure(root, ref: str, kind: str) -> tuple[int, int]:
     """Open and decode a figure once; (width, height) of the original, or FigureSkip(reason)."""
     _, size = _decode(read_bytes(root, ref, kind), ref, fast=True)
+    return size
+
+
+def check_image_bytes(data: bytes, ref: str) -> tuple[int, int]:
+    """The checks of `check_figure` on a figure already in memory (a served request's data URL)."""
+    if len(data) > MAX_FIGURE_BYTES:
+        raise FigureSkip("oversized", f"{ref}: {len(data)} bytes")
+    _, size = _decode(data, ref, fast=True)
     return size
 
 
@@ -255,6 +274,8 @@ def hub_archive(repo_id: str, version: str, cache_dir=None, log=print) -> Path:
 def open_image(path):
     """A figure given on the command line / in the console, as RGB (named one-line errors)."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"image '{path}' is a folder; pass one figure file (PNG, JPEG, ...)")
     if not p.is_file():
         raise InputError(f"image '{path}' does not exist")
     try:

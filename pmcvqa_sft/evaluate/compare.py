@@ -43,6 +43,11 @@ def compare_runs(folders) -> str:
     dirs = [Path(f) for f in folders]
     if len(dirs) < 1:
         raise InputError("--compare_runs needs at least one evaluation folder")
+    seen: dict = {}
+    for d in dirs:  # the same folder twice would silently merge its columns
+        other = seen.setdefault(d.resolve(), d)
+        if other is not d:
+            raise InputError(f"--compare_runs got the same folder twice ('{other}' and '{d}'); pass each run once")
     loaded = [_read_folder(d) for d in dirs]
     keyed = [{_key(r): r for r in recs} for _, recs in loaded]
     common = set(keyed[0])

@@ -35,6 +35,8 @@ class Answer:
     raw: str                # the whole generated assistant turn
     n_tokens: int = 0
     seconds: float = 0.0
+    finished: bool = True   # False: cut at max_new_tokens (or the model's context) before the end
+    text_letter: str | None = None  # the choice the written text names, where it is not `letter`'s
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,16 +75,24 @@ def build_messages(question: str, choices: Mapping[str, str] | None, caption: st
                                        image=image)
 
 
-def parse_reply(raw: str, choices: Mapping[str, str] | None) -> tuple[str | None, str, str]:
-    """(letter, answer text, reasoning) of a generated assistant turn."""
+def parse_reply(raw: str, choices: Mapping[str, str] | None) -> tuple[str | None, str, str, str | None]:
+    """(letter, answer text, reasoning, text_letter) of a generated assistant turn; text_letter is the
+    choice the written text names where it disagrees with the letter (`Answer: D. Liver`, Liver = C)."""
     ext = extract_answer(raw, choices or {"A": "", "B": "", "C": "", "D": ""})
     if not choices:
-        return None, ext.answer_text, ext.reasoning
+        return None, ext.answer_text, ext.reasoning, None
     if ext.conflict:  # `Answer: D. Ultrasound` with Ultrasound = A: show what was written, not choice D's text
-        text = ext.stated_text
-    else:
-        text = answer_text_after_letter(ext.answer_text, ext.letter, choices) if ext.letter else ext.answer_text
-    return ext.letter, text, ext.reasoning
+        return ext.letter, ext.stated_text, ext.reasoning, ext.text_letter
+    text = answer_text_after_letter(ext.answer_text, ext.letter, choices) if ext.letter else ext.answer_text
+    return ext.letter, text, ext.reasoning, None
+
+
+def conflict_note(ans: Answer, choices: Mapping[str, str] | None) -> str | None:
+    """A line saying the answer's letter and text name different choices, else None."""
+    if not ans.text_letter or not choices:
+        return None
+    return (f"the model wrote letter {ans.letter} ({choices.get(ans.letter, '?')}) but choice {ans.text_letter}'s "
+            f"text ('{ans.answer}'); the evaluation counts such an answer wrong (letter and text must agree)")
 
 
 def answer_question(question: str, choices: Mapping[str, str] | Sequence[str] | None = None, model=None,
@@ -121,8 +131,9 @@ def ask(model, tok, question: str, choices, settings, *, image=None, caption=Non
     start = time.perf_counter()
     gen = generate_batch(model, tokenizer, [prompt], settings, inputs=inputs)[0]
     raw = assistant_turn(prompt, gen.text)
-    letter, text, reasoning = parse_reply(raw, choices)
-    return Answer(letter, text, reasoning, raw, len(gen.token_ids), time.perf_counter() - start)
+    letter, text, reasoning, text_letter = parse_reply(raw, choices)
+    return Answer(letter, text, reasoning, raw, len(gen.token_ids), time.perf_counter() - start, gen.finished,
+                  text_letter)
 
 
 def model_inputs(processor, prompt_ids: Sequence[Sequence[int]], images: Sequence[Sequence], max_pixels,

@@ -21,7 +21,7 @@ from ..data.pmc_vqa import read_pmc_vqa_csv
 from ..format.encoding import render_prompt
 from ..format.media import is_vision_processor
 from .answer import ask, conversation_inputs
-from .generation import GenerationSettings, stream_generate
+from .generation import GenerationSettings, room_in_context, stream_generate
 
 HELP = """commands:
   /help          this help
@@ -150,8 +150,17 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
         messages.append({"role": "user", "content": prompts.image_content(text) if pending else text})
         images, pending = images + [pending] if pending else images, None
         prompt = render_prompt(tokenizer, messages)
-        inputs = conversation_inputs(model, processor, messages, images, max_pixels)[1] \
-            if images else None
+        try:  # a figure the processor refuses, a prompt that fills the context: one line, the chat goes on
+            inputs = conversation_inputs(model, processor, messages, images, max_pixels)[1] \
+                if images else None
+            room_in_context(model, len(inputs["input_ids"][0]) if inputs else
+                            len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), 1)
+        except (InputError, ValueError) as exc:
+            print(f"({' '.join(str(exc).split())}; the question is dropped, /reset starts a new conversation)",
+                  file=out)
+            if not isinstance(messages.pop()["content"], str):
+                images.pop()
+            continue
         opened = prompt.endswith(prompts.THINK_OPEN)  # the prompt opened the think block
         filt = ThinkFilter(show_think, inside=opened)
         print("assistant> " + (OPEN + "\n" if show_think and filt.inside else ""), end="", file=out, flush=True)
@@ -170,7 +179,8 @@ def run_console(model, tokenizer, settings: GenerationSettings, system_prompt=No
         print(filt.flush(), file=out)
         secs = time.perf_counter() - start
         print(f"[{stats.get('n_tokens', 0)} tokens, {secs:.1f} s"
-              + ("" if stats.get("finished", True) else ", cut at max_new_tokens") + "]", file=out)
+              + ("" if stats.get("finished", True) else f", cut at {stats.get('max_new_tokens')} new tokens "
+                 f"(--max_new_tokens or the model's context)") + "]", file=out)
         content = (prompts.THINK_OPEN if opened else "") + "".join(reply)
         messages.append({"role": "assistant", "content": content})
 

@@ -58,13 +58,34 @@ def check_sampling(temperature: float | None, top_p: float | None) -> None:
         raise InputError(f"--top_p must be in (0, 1], got {top_p}")
 
 
-def _generation_config(model, tokenizer, settings: GenerationSettings):
+def context_length(model) -> int | None:
+    """The model's context in tokens (an image model's language model's), if its config says."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def room_in_context(model, prompt_len: int, max_new_tokens: int) -> int:
+    """max_new_tokens clipped so that prompt + answer fit the model's context (past it the answer is
+    garbage; `--serve` gets the same clip in serve_engine.py). A prompt that fills the context is a
+    one-line error."""
+    from ..core.errors import InputError
+    ctx = context_length(model)
+    if ctx is None:
+        return max_new_tokens
+    if prompt_len >= ctx:
+        raise InputError(f"the prompt has {prompt_len} tokens; the model takes at most {ctx}, prompt and answer")
+    return min(max_new_tokens, ctx - prompt_len)
+
+
+def _generation_config(model, tokenizer, settings: GenerationSettings, prompt_len: int = 0):
     """A copy of the model's GenerationConfig with our settings (greedy drops the sampling knobs,
-    which transformers otherwise warns about)."""
+    which transformers otherwise warns about); max_new_tokens clipped to the context left."""
     from transformers import GenerationConfig
     base = getattr(model, "generation_config", None)
     gc = copy.deepcopy(base) if base is not None else GenerationConfig()
-    gc.max_new_tokens = settings.max_new_tokens
+    gc.max_new_tokens = room_in_context(model, prompt_len, settings.max_new_tokens)
     gc.max_length = None
     gc.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gc.eos_token_id = tokenizer.eos_token_id
@@ -114,7 +135,8 @@ def generate_ids(model, tokenizer, enc: Sequence[Sequence[int]] | None, settings
                  inputs: dict | None = None) -> list[Generated]:
     """Generate for several tokenized prompts at once (left-padded), or from prebuilt `inputs`."""
     import torch
-    gc = _generation_config(model, tokenizer, settings)
+    width = max(map(len, enc)) if inputs is None else inputs["input_ids"].shape[1]
+    gc = _generation_config(model, tokenizer, settings, width)
     if inputs is None:
         ids, mask = left_pad(enc, gc.pad_token_id)
         inputs = {"input_ids": ids, "attention_mask": mask}
@@ -147,7 +169,7 @@ def _stop_when(event: threading.Event):
 
 def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
                     stats: dict | None = None, inputs: dict | None = None) -> Iterator[str]:
-    """Yield decoded text pieces while generating; `stats` receives n_tokens, finished and interrupted.
+    """Yield decoded text pieces while generating; `stats` receives n_tokens, finished, interrupted and max_new_tokens (after the clip to the context).
     `inputs`: prebuilt model inputs of the one prompt (image models), as in `generate_batch`.
 
     Leaving the loop early (Ctrl-C while waiting for a piece, or `close()` on this generator after a
@@ -157,10 +179,12 @@ def stream_generate(model, tokenizer, prompt: str, settings: GenerationSettings,
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    gc = _generation_config(model, tokenizer, settings)
     if inputs is None:
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    gc = _generation_config(model, tokenizer, settings, inputs["input_ids"].shape[1])
+    if stats is not None:
+        stats["max_new_tokens"] = gc.max_new_tokens
     inputs = {k: v.to(_device(model)) for k, v in inputs.items()}
     ids = inputs["input_ids"]
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=False)

@@ -41,7 +41,8 @@ ENGINES = ("transformers", "vllm")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_READY_TIMEOUT = 900.0   # an 8B model loads in minutes from a cold disk
-SERVE_FORMAT = 1                # bump when what goes into a merged serving folder changes
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20   # --max_request_bytes default: a few figures as base64 data URLs
+SERVE_FORMAT = 2                # bump when what goes into a merged serving folder changes
 KEY_FILE = "serve_key.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 VLLM_INSTALL = "pip install vllm"
@@ -54,8 +55,13 @@ def default_cache_dir() -> Path:
     return Path(root) / "pmcvqa_sft" / "served"
 
 
-def check_serve_args(engine: str, host: str, port: int, ready_timeout: float) -> None:
+def check_serve_args(engine: str, host: str, port: int, ready_timeout: float, max_request_bytes: int | None = None,
+                     max_prompt_tokens: int | None = None) -> None:
     """One-line errors for the serving flags, before any model loads."""
+    if max_request_bytes is not None and max_request_bytes < 1024:
+        raise InputError(f"--max_request_bytes must be at least 1024, got {max_request_bytes}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise InputError(f"--max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'")
     if not 1 <= port <= 65535:
@@ -124,7 +130,11 @@ def response_template(tokenizer, chat_template: str) -> dict | None:
     if not anchor:
         return None
     return {"defaults": {"role": "assistant"}, "start_anchor": anchor,
-            "fields": {"reasoning_content": {"open": open_tag, "close": prompts.THINK_CLOSE, "content": "text"},
+            # the blank lines after </think> are part of the close tag (longest match wins, streamed or not),
+            # so streamed content does not start with "\n\n" where the plain answer does not
+            "fields": {"reasoning_content": {"open": open_tag, "close": [prompts.THINK_CLOSE + "\n\n",
+                                                                         prompts.THINK_CLOSE + "\n",
+                                                                         prompts.THINK_CLOSE], "content": "text"},
                        "content": {"close": tokenizer.eos_token, "content": "text"}}}
 
 
@@ -154,10 +164,13 @@ def generation_defaults(model_dir, tokenizer) -> dict:
     return out
 
 
-def write_serving_files(folder: Path, tokenizer, system_prompt: str | None, model_dir=None) -> dict:
+def write_serving_files(folder: Path, tokenizer, system_prompt: str | None, model_dir=None, processor=None,
+                        max_pixels: int | None = None) -> dict:
     """Chat template file + generation_config.json into `folder`. Without `model_dir`, `folder` is a
     merged model: its generation config is the starting point, and its tokenizer is re-saved with the
-    served chat template and the response template (what `transformers serve` loads)."""
+    served chat template and the response template (what `transformers serve` loads). `processor` (image
+    models): saved too, resizing figures under the run's `max_pixels` exactly as `--image` does, so the
+    engine (serve_engine.py registers its class) takes image parts."""
     import copy
     folder.mkdir(parents=True, exist_ok=True)
     tmpl = served_chat_template(tokenizer, system_prompt)
@@ -167,6 +180,12 @@ def write_serving_files(folder: Path, tokenizer, system_prompt: str | None, mode
         tok.chat_template = tmpl
         tok.response_template = response_template(tokenizer, tmpl)
         tok.save_pretrained(str(folder))
+        if processor is not None:
+            from ..format.media import processor_size
+            processor = copy.deepcopy(processor)
+            processor.tokenizer, processor.chat_template = tok, tmpl
+            processor.image_processor.size = processor_size(processor.image_processor, max_pixels)
+            processor.save_pretrained(str(folder))
     (folder / CHAT_TEMPLATE_FILE).write_text(tmpl, encoding="utf-8")
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return gen
@@ -196,11 +215,15 @@ def adapter_key(adapter_dir: Path, tok_dir: Path | None, base: str, system_promp
     return h.hexdigest()
 
 
-def run_name(adapter: str | os.PathLike, adapter_dir: Path) -> str:
+def run_name(adapter_dir: Path) -> str:
+    """The model name clients send: the run folder's name (RUN for RUN/model and RUN/model/adapter)."""
     from ..data.store import ADAPTER_DIR
-    d = Path(adapter).resolve()
-    if d == adapter_dir.resolve() and d.name == ADAPTER_DIR:
-        d = d.parent
+    from ..models.adapters import TRAIN_OUTPUT_DIR
+    d = adapter_dir.resolve()
+    if d.name == ADAPTER_DIR:
+        d = d.parent   # the training output folder
+    if d.name == TRAIN_OUTPUT_DIR:
+        d = d.parent   # make demo's RUN/model: the run folder names it
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in d.name).strip(".-") or "model"
     return name
 
@@ -220,7 +243,19 @@ def _run_facts(adapter: str, model: str | None, name: str | None):
     base, tokenizer, adir, card = inference.base_and_tokenizer(model, adapter)
     system_prompt = inference.card_system_prompt(card)
     key = adapter_key(adir, inference.training_files(adir)[0], base, system_prompt)
-    return base, tokenizer, adir, system_prompt, name or run_name(adapter, adir), key
+    return base, tokenizer, adir, system_prompt, name or run_name(adir), key
+
+
+def _serving_processor(base: str, adir: Path):
+    """(processor, the run's max_pixels) of an image model; (None, None) for a text model."""
+    from ..format.media import card_max_pixels
+    from ..models import adapters as inference
+    from ..models.kind import is_vision_model
+    from ..models.loading import load_processor
+    if not is_vision_model(base):
+        return None, None
+    tok_dir, card = inference.training_files(adir)
+    return load_processor(str(tok_dir or base)), card_max_pixels(card)
 
 
 def prepare_merged(adapter: str, model: str | None, cache_dir, name: str | None = None, log=print) -> Prepared:
@@ -242,7 +277,8 @@ def prepare_merged(adapter: str, model: str | None, cache_dir, name: str | None 
         for f in (tmp / "m").iterdir():
             f.rename(tmp / f.name)
         (tmp / "m").rmdir()
-        write_serving_files(tmp, tokenizer, system_prompt)
+        processor, max_pixels = _serving_processor(base, adir)
+        write_serving_files(tmp, tokenizer, system_prompt, processor=processor, max_pixels=max_pixels)
         (tmp / KEY_FILE).write_text(json.dumps({"key": key, "adapter": str(adir.resolve()), "base": base,
                                                 "format": SERVE_FORMAT}, indent=2))
     return Prepared(name, out, entry, base, False)
@@ -252,6 +288,11 @@ def prepare_vllm(adapter: str, model: str | None, cache_dir, name: str | None = 
     """No merge: vLLM applies the LoRA itself. Writes the chat template and generation config folder."""
     from ..models.loading import resolve_name
     base, tokenizer, adir, system_prompt, name, key = _run_facts(adapter, model, name)
+    from ..models.kind import is_vision_model
+    if is_vision_model(base):
+        raise InputError("--engine vllm cannot serve this image model's adapter (vLLM's LoRA takes no trained "
+                         "vision merger, so figures would be read by the untrained one); serve it with "
+                         "--engine transformers")
     # vLLM runs in `entry`: every path it gets is absolute
     entry = Path(cache_dir).expanduser().resolve() / f"vllm-{key[:16]}"
     base = resolve_name(base)
@@ -266,8 +307,13 @@ def prepare_vllm(adapter: str, model: str | None, cache_dir, name: str | None = 
 # ---------------------------------------------------------------------------------------------------
 
 
-def transformers_command(prep: Prepared, host: str, port: int, quantization: str, device: str = "auto") -> list[str]:
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", prep.name,
+def transformers_command(prep: Prepared, host: str, port: int, quantization: str, device: str = "auto",
+                         max_request_bytes: int | None = None, max_prompt_tokens: int | None = None) -> list[str]:
+    """`transformers serve` through serve_engine.py (image processor registered, request guard, clipping)."""
+    guard = ["--max_request_bytes", str(max_request_bytes or DEFAULT_MAX_REQUEST_BYTES)]
+    if max_prompt_tokens:
+        guard += ["--max_prompt_tokens", str(max_prompt_tokens)]
+    cmd = [sys.executable, "-m", "pmcvqa_sft.infer.serve_engine", *guard, "--", prep.name,
            "--host", host, "--port", str(port), "--device", device, "--dtype", "auto", "--log-level", "warning"]
     if quantization in ("8bit", "4bit"):
         cmd += ["--quantization", f"bnb-{quantization}"]
@@ -406,12 +452,16 @@ def run_engine(cmd: list[str], cwd: Path, host: str, port: int, name: str, engin
 
 def serve(adapter: str, model: str | None = None, engine: str = "transformers", host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, quantization: str | None = None, cache_dir=None, name: str | None = None,
-          ready_timeout: float = DEFAULT_READY_TIMEOUT, log=print) -> int:
+          ready_timeout: float = DEFAULT_READY_TIMEOUT, max_request_bytes: int | None = None,
+          max_prompt_tokens: int | None = None, log=print) -> int:
     """The whole --serve job. Returns the exit code (0 after a clean stop)."""
-    check_serve_args(engine, host, port, ready_timeout)
+    check_serve_args(engine, host, port, ready_timeout, max_request_bytes, max_prompt_tokens)
     check_port_free(host, port)
     cache_dir = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()).resolve()
     if engine == "vllm":
+        if max_request_bytes or max_prompt_tokens:
+            raise InputError("--max_request_bytes / --max_prompt_tokens apply to --engine transformers; vLLM has "
+                             "its own limits (--max-model-len), see docs/SERVING.md")
         if quantization not in (None, "none"):
             raise InputError("--engine vllm serves the base in its stored dtype; drop --quantization "
                              "(or use --engine transformers for 8-bit/4-bit)")
@@ -422,6 +472,10 @@ def serve(adapter: str, model: str | None = None, engine: str = "transformers", 
     quantization = quantization or default_quantization()
     prep = prepare_merged(adapter, model, cache_dir, name, log=log)
     # Everything is local: keep the engine off the network (and quiet about telemetry).
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    return run_engine(transformers_command(prep, host, port, quantization), prep.workdir, host, port, prep.name,
-                      "transformers serve", ready_timeout, env=env, log=log)
+    # The engine runs in the cache entry: it imports serve_engine from this checkout.
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
+    cmd = transformers_command(prep, host, port, quantization, max_request_bytes=max_request_bytes,
+                               max_prompt_tokens=max_prompt_tokens)
+    return run_engine(cmd, prep.workdir, host, port, prep.name, "transformers serve", ready_timeout, env=env, log=log)

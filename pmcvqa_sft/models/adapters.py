@@ -32,6 +32,7 @@ from ..format.encoding import template_hash
 from .kind import is_vision_model
 
 ADAPTER_CONFIG = "adapter_config.json"
+TRAIN_OUTPUT_DIR = "model"   # make demo / make demo-vision train into RUN/model; `--adapter RUN` finds it there
 
 
 def default_quantization() -> str:
@@ -40,15 +41,18 @@ def default_quantization() -> str:
 
 
 def find_adapter_dir(path) -> Path:
-    """DIR or DIR/adapter, whichever holds adapter_config.json; one-line error otherwise."""
+    """DIR, DIR/adapter, DIR/model or DIR/model/adapter (the run folder make demo prints), whichever holds
+    adapter_config.json first; one-line error otherwise."""
     d = Path(path)
     if not d.exists():
         raise InputError(f"adapter folder '{path}' does not exist")
-    for cand in (d, d / ADAPTER_DIR):
+    if not d.is_dir():
+        raise InputError(f"adapter '{path}' is a file; pass the training output folder")
+    for cand in (d, d / ADAPTER_DIR, d / TRAIN_OUTPUT_DIR, d / TRAIN_OUTPUT_DIR / ADAPTER_DIR):
         if (cand / ADAPTER_CONFIG).is_file():
             return cand
-    raise InputError(f"'{path}' holds no {ADAPTER_CONFIG} (looked in it and in its adapter/ subfolder); "
-                     f"pass the output folder of train_sft_example.py")
+    raise InputError(f"'{path}' holds no {ADAPTER_CONFIG} (looked in it, its adapter/, model/ and model/adapter/ "
+                     f"subfolders); pass the output folder of train_sft_example.py")
 
 
 def _is_local_path(name: str) -> bool:
