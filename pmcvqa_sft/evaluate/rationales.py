@@ -58,7 +58,7 @@ def split_reasoning(raw: str, gold: str, choices: dict) -> str:
     if prompts.THINK_CLOSE in raw:
         body = raw.split(prompts.THINK_CLOSE, 1)[0]
         body = body[len(prompts.THINK_OPEN):] if body.startswith(prompts.THINK_OPEN) else body
-        return body.rstrip("\n")
+        return body[:-1] if body.endswith("\n") else body  # assistant_content writes that "\n" back
     line = prompts.answer_line(gold, choices[gold])
     return raw[:raw.rfind(line)].strip() if line in raw else ""
 
@@ -100,7 +100,7 @@ def sample_rationales(rows, sampler, out_path, k: int, teacher: str, settings: d
             continue
         gold, choices = row["answer_label"], row["choices"]
         rec = {"id": qid, "kept": False, "reasoning": None, "answer_line": None, "attempts": 0,
-               "reasoning_tokens": None, "failure": None, "teacher": teacher, "settings": settings}
+               "completion_tokens": None, "failure": None, "teacher": teacher, "settings": settings}
         try:
             for s in sampler(row):
                 rec["attempts"] += 1
@@ -108,7 +108,7 @@ def sample_rationales(rows, sampler, out_path, k: int, teacher: str, settings: d
                 if pred["pred"] == gold:
                     rec.update(kept=True, reasoning=split_reasoning(s.raw, gold, choices),
                                answer_line=prompts.answer_line(gold, choices[gold]),
-                               reasoning_tokens=len(s.token_ids))
+                               completion_tokens=len(s.token_ids))
                     break
                 if rec["attempts"] >= k:
                     break
@@ -126,7 +126,7 @@ def rationale_report(records, k: int) -> dict:
     by_attempt = Counter(r["attempts"] for r in kept)
     return {"questions": len(recs), "kept": len(kept), "kept_pct": 100 * len(kept) / len(recs) if recs else 0.0,
             "success_by_attempt": {str(a): by_attempt.get(a, 0) for a in range(1, k + 1)},
-            "mean_reasoning_tokens": (sum(r["reasoning_tokens"] for r in kept) / len(kept)) if kept else None,
+            "mean_completion_tokens": (sum(r["completion_tokens"] for r in kept) / len(kept)) if kept else None,
             "questions_with_none": len(recs) - len(kept),
             "failures": dict(Counter(r["failure"] for r in recs if r.get("failure")))}
 
@@ -134,7 +134,7 @@ def rationale_report(records, k: int) -> dict:
 def format_rationale_report(rep: dict) -> str:
     lines = [f"rationales: {rep['kept']}/{rep['questions']} questions kept ({rep['kept_pct']:.1f} %)",
              "success by attempt: " + ", ".join(f"#{a}: {n}" for a, n in rep["success_by_attempt"].items()),
-             f"mean reasoning tokens (kept): {rep['mean_reasoning_tokens']}",
+             f"mean completion tokens of the kept samples (reasoning + answer line): {rep['mean_completion_tokens']}",
              f"questions with none: {rep['questions_with_none']}"]
     if rep["failures"]:
         lines.append("endpoint failures: " + ", ".join(f"{k}: {v}" for k, v in rep["failures"].items()))
