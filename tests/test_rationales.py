@@ -174,7 +174,7 @@ def test_preprocess_puts_rationales_in_the_targets_and_sft_runs(pipeline, adapte
     _run(["train_sft_example.py", "--model", "tiny", "--dataset_dir", tmp_path / "drop", "--output_dir", model,
           "--quantization", "none", "--max_steps", "2", "--per_device_train_batch_size", "4",
           "--no-gradient_checkpointing", "--report_to", "none", "--no-progress"])
-    assert (model / "adapter_config.json").exists()
+    assert (model / "adapter" / "adapter_config.json").exists() and (model / "run_card.json").exists()
 
 
 def test_endpoint_evaluation_matches_local_generate(pipeline, served, adapter_dir, tmp_path):
