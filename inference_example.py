@@ -19,12 +19,12 @@ Commands (offline, with the embedded tiny model; replace `tiny` / the adapter fo
         --compare_base --output_dir runs/demo-vision/eval
     python inference_example.py --compare_runs runs/demo-vision/eval runs/demo-vision-2/eval   # same test split
     # rationales by rejection sampling (docs/REASONING.md), locally or from any OpenAI-compatible endpoint
-    python inference_example.py --adapter runs/demo/model --sample_rationales runs/demo/rationales.jsonl \
+    python inference_example.py --adapter runs/demo/model --sample_rationales runs/demo/rationales.jsonl \\
         --dataset_dir runs/demo/data --split train --samples 4 --num_samples 32
-    PMCVQA_ENDPOINT_KEY=... python inference_example.py --endpoint http://127.0.0.1:8000/v1 \
+    PMCVQA_ENDPOINT_KEY=... python inference_example.py --endpoint http://127.0.0.1:8000/v1 \\
         --endpoint_model NAME --sample_rationales runs/demo/rationales.jsonl --dataset_dir runs/demo/data --split train
     # an endpoint scored like a local run, then beside it
-    python inference_example.py --evaluate --method generate --endpoint http://127.0.0.1:8000/v1 \
+    python inference_example.py --evaluate --method generate --endpoint http://127.0.0.1:8000/v1 \\
         --endpoint_model NAME --dataset_dir runs/demo/data --output_dir runs/demo/eval-endpoint --concurrency 8
     python inference_example.py --compare_runs runs/demo/eval runs/demo/eval-endpoint
 The real model: `--adapter runs/r1-8b-lora` (its base, deepseek-ai/DeepSeek-R1-Distill-Llama-8B, comes
