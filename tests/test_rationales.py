@@ -191,6 +191,7 @@ def test_endpoint_evaluation_matches_local_generate(pipeline, served, adapter_di
     rm = json.loads((remote / "metrics.json").read_text())["endpoint"]
     assert rm["n"] == lm["n"] == 16 and rm["endpoint_failures"] == 0
     assert rm["correct"] == lm["correct"], (rm["correct"], lm["correct"])
+    print(f"strict accuracy: local generate {lm['correct']}/{lm['n']}, served endpoint {rm['correct']}/{rm['n']}")
     r = _run(["inference_example.py", "--compare_runs", local, remote])
     assert "16 questions evaluated by every folder" in r.stdout
     # a rerun resumes: every answer is read back, no request is repeated
