@@ -20,10 +20,7 @@ def _endpoint_rows(args):
     _, report = load_eval_rows(args.dataset_dir, args.split, 1)
     image = report.get("model_kind") == "vision"
     rows, report = _rows(args, image)
-    load = figure_loader(report, args.images, args.dataset_dir) if image and args.blind is not False else None
-    if image and load is None:
-        raise InputError("--endpoint with an image dataset sends the figure; --no-blind is not supported here")
-    return rows, report, load
+    return rows, report, figure_loader(report, args.images, args.dataset_dir) if image else None
 
 
 def check_endpoint_args(args) -> None:
