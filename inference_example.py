@@ -18,6 +18,15 @@ Commands (offline, with the embedded tiny model; replace `tiny` / the adapter fo
     python inference_example.py --adapter runs/demo-vision/model --evaluate --dataset_dir runs/demo-vision/data \\
         --compare_base --output_dir runs/demo-vision/eval
     python inference_example.py --compare_runs runs/demo-vision/eval runs/demo-vision-2/eval   # same test split
+    # rationales by rejection sampling (docs/REASONING.md), locally or from any OpenAI-compatible endpoint
+    python inference_example.py --adapter runs/demo/model --sample_rationales runs/demo/rationales.jsonl \\
+        --dataset_dir runs/demo/data --split train --samples 4 --num_samples 32
+    PMCVQA_ENDPOINT_KEY=... python inference_example.py --endpoint http://127.0.0.1:8000/v1 \\
+        --endpoint_model NAME --sample_rationales runs/demo/rationales.jsonl --dataset_dir runs/demo/data --split train
+    # an endpoint scored like a local run, then beside it
+    python inference_example.py --evaluate --method generate --endpoint http://127.0.0.1:8000/v1 \\
+        --endpoint_model NAME --dataset_dir runs/demo/data --output_dir runs/demo/eval-endpoint --concurrency 8
+    python inference_example.py --compare_runs runs/demo/eval runs/demo/eval-endpoint
 The real model: `--adapter runs/r1-8b-lora` (its base, deepseek-ai/DeepSeek-R1-Distill-Llama-8B, comes
 from the adapter config; 8-bit on CUDA by default). See docs/INFERENCE_AND_EVALUATION.md.
 """
@@ -98,6 +107,20 @@ def parse_args(argv=None):
                            "test rows (e.g. text-only tuned, image base, image tuned, blind)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir / merge folder")
     # ---- serving and lm-eval export ----
+    mode.add_argument("--sample_rationales", metavar="OUT.jsonl", default=None,
+                      help="rejection sampling: up to --samples completions per question of --split, keep the "
+                           "first strictly right one; append-only, a rerun resumes (docs/REASONING.md)")
+    ep = p.add_argument_group("endpoints (--sample_rationales, --evaluate)", "any OpenAI-compatible server; the "
+                              "API key comes from PMCVQA_ENDPOINT_KEY or OPENAI_API_KEY (needs: pip install openai)")
+    ep.add_argument("--endpoint", metavar="URL", default=None,
+                    help="base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1) instead of a local model")
+    ep.add_argument("--endpoint_model", metavar="NAME", default=None, help="the model name to request from --endpoint")
+    ep.add_argument("--samples", type=int, default=4,
+                    help="--sample_rationales: completions tried per question (default: %(default)s)")
+    ep.add_argument("--concurrency", type=int, default=8,
+                    help="--evaluate --endpoint: requests in flight at once (default: %(default)s)")
+    ep.add_argument("--endpoint_retries", type=int, default=4,
+                    help="retries of a failed or timed-out request, with exponential backoff (default: %(default)s)")
     srv = p.add_argument_group("serving (--serve) and lm-eval export (--export_lm_eval)")
     srv.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                      help="transformers: `transformers serve` on the merged model (CPU, small GPUs); vllm: "
@@ -140,9 +163,20 @@ def main(argv=None) -> int:
         print(compare_runs(args.compare_runs))
         return 0
     if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save
-            or args.serve or args.export_lm_eval):
+            or args.serve or args.export_lm_eval or args.sample_rationales):
         raise InputError("nothing to do: pass one of --interactive, --demo, --question, --evaluate, "
-                         "--merge_and_save, --serve, --export_lm_eval (see --help)")
+                         "--merge_and_save, --serve, --export_lm_eval, --sample_rationales (see --help)")
+    if args.sample_rationales or (args.evaluate and args.endpoint):
+        from pmcvqa_sft.evaluate import teacher
+        if args.sample_rationales:
+            teacher.run_sample_rationales(args)
+            return 0
+        if not args.dataset_dir:
+            raise InputError("--evaluate needs --dataset_dir (a preprocess_pmc_vqa_for_sft.py output folder)")
+        teacher.run_endpoint_evaluation(args)
+        return 0
+    if args.endpoint:
+        raise InputError("--endpoint works with --sample_rationales and --evaluate")
     for flag in ("evaluate", "export_lm_eval"):
         if getattr(args, flag) and not args.dataset_dir:
             raise InputError(f"--{flag} needs --dataset_dir (a preprocess_pmc_vqa_for_sft.py output folder)")

@@ -54,6 +54,12 @@ def parse_args(argv=None):
     # ---- prompt ----
     p.add_argument("--reasoning", choices=("none", "brief"), default="none",
                    help="think block content: empty (none) or a short rationale built from the row (brief)")
+    p.add_argument("--rationales", default=None, metavar="FILE.jsonl",
+                   help="sampled rationales (inference_example.py --sample_rationales): each kept reasoning goes "
+                        "in its training row's think block (docs/REASONING.md)")
+    p.add_argument("--rationale_missing", choices=("drop", "answer_only"), default="drop",
+                   help="training rows without a kept rationale: drop them, or keep them with an empty think "
+                        "block (default: %(default)s; counted in preprocess_report.json)")
     p.add_argument("--system_prompt", default=None,
                    help="system message text; default: prompts.SYSTEM_PROMPT (None: DeepSeek advises none)")
     p.add_argument("--include_caption", action="store_true",
@@ -88,7 +94,7 @@ def main(argv=None) -> int:
         max_length=args.max_length, max_samples=args.max_samples, val_size=args.val_size,
         overwrite=args.overwrite, num_proc=args.num_proc, system_prompt=args.system_prompt,
         reasoning=args.reasoning == "brief", include_caption=args.include_caption, seed=args.seed,
-        tokenizer=tokenizer, vision=vision)
+        tokenizer=tokenizer, vision=vision, rationales=args.rationales, rationale_missing=args.rationale_missing)
     summary = {k: report[k] for k in ("rows_read", "kept", "skipped", "truncated", "splits", "disk_ratio",
                                       "wall_s", "rows_per_s")}
     if vision is not None:

@@ -93,12 +93,15 @@ def assistant_content(letter: str, text: str | None = None, reasoning: str = "",
 
 def create_conversation(question: str, choices: Mapping[str, str], answer_label: str | None = None,
                         caption: str | None = None, system_prompt: str | None = SYSTEM_PROMPT,
-                        reasoning: bool = False, image: bool = False, think: bool = True) -> list[dict]:
+                        reasoning: bool = False, image: bool = False, think: bool = True,
+                        rationale: str | None = None) -> list[dict]:
     """A PMC-VQA row -> chat messages. With `answer_label` the last message is the assistant target.
 
     `image=True` (image-text models): the user content is `[{"type": "image"}, {"type": "text", ...}]`,
     the figure before the text as Qwen2.5-VL's examples place it; the chat template turns the image item
-    into its placeholder. `think`: see `assistant_content`.
+    into its placeholder. `think`: see `assistant_content`. `rationale`: a sampled reasoning text
+    (`--rationales`) put where `--reasoning brief` puts its template one (the think block; plain text
+    before the answer line for models without think tokens).
     """
     messages = []
     if system_prompt:
@@ -107,6 +110,7 @@ def create_conversation(question: str, choices: Mapping[str, str], answer_label:
     messages.append({"role": "user", "content": image_content(user) if image else user})
     if answer_label is not None:
         why = make_reasoning(question, choices, answer_label, caption) if reasoning else ""
+        why = rationale if rationale is not None else why
         messages.append({"role": "assistant",
                          "content": assistant_content(answer_label, choices[answer_label], why, think)})
     return messages

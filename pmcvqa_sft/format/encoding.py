@@ -229,6 +229,8 @@ class RowEncoder:
     """Record -> (prompt ids, target ids): batched fast path when `create_conversation` gives the
     plain [system?, user, assistant] shape, else the per-row reference `encode_conversation`."""
 
+    rationales: dict | None = None  # question id -> kept reasoning (`--rationales`), put in the target
+
     def __init__(self, tokenizer, system_prompt, reasoning, include_caption):
         self.tok, self.system_prompt = tokenizer, system_prompt
         self.reasoning, self.include_caption = reasoning, include_caption
@@ -239,7 +241,11 @@ class RowEncoder:
         cap = (rec.caption if caption is None else caption) if self.include_caption else None
         return prompts.create_conversation(
             rec.question if question is None else question, rec.choices, rec.answer_label,
-            caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning)
+            caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning,
+            rationale=self.rationale(rec))
+
+    def rationale(self, rec):
+        return self.rationales.get(question_id(rec)) if self.rationales else None
 
     def user_text(self, msg) -> str:
         """The part of the user message the fast path splices between the template's head and tail."""
@@ -354,7 +360,7 @@ class ImageRowEncoder(RowEncoder):
         return prompts.create_conversation(
             rec.question if question is None else question, rec.choices, rec.answer_label,
             caption=cap or None, system_prompt=self.system_prompt, reasoning=self.reasoning,
-            image=True, think=self.think)
+            image=True, think=self.think, rationale=self.rationale(rec))
 
     def user_text(self, msg) -> str:
         return prompts.content_text(msg["content"])
@@ -372,3 +378,25 @@ class ImageRowEncoder(RowEncoder):
             if ours != theirs:
                 raise AssertionError(f"tokenizer and processor chat templates differ on row {i}")
         return n
+
+
+def question_id(row) -> str:
+    """The stable id of a question across preprocessing runs: its source file name and row."""
+    get = row.get if isinstance(row, dict) else (lambda k: getattr(row, k, None))
+    return f"{os.path.basename(str(get('source_file')))}:{get('source_row')}"
+
+
+def load_rationales(path) -> dict[str, str]:
+    """`--rationales FILE.jsonl` (evaluate.rationales output) -> {question id: kept reasoning}."""
+    out, n = {}, 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith("\n"):
+                    break  # a torn last line of an interrupted sampling run
+                rec = json.loads(line)
+                if rec.get("kept") and rec.get("reasoning") is not None:
+                    out[str(rec["id"])] = rec["reasoning"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--rationales '{path}' line {n}: {type(e).__name__}") from None
+    return out

@@ -97,6 +97,25 @@ def _clean_stale(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _apply_rationales(source, path, missing: str):
+    """{id: reasoning} of `--rationales`, and the train rows without one dropped or kept answer-only."""
+    if missing not in ("drop", "answer_only"):
+        raise InputError(f"--rationale_missing {missing!r}: use drop or answer_only")
+    try:
+        table = encoding.load_rationales(path)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    train = source["train"]
+    has = [r for r in train if encoding.question_id(r) in table]
+    counts = {"file": str(path), "policy": missing, "train_rows": len(train), "with_rationale": len(has),
+              "without": len(train) - len(has), "dropped": len(train) - len(has) if missing == "drop" else 0}
+    if missing == "drop":
+        if not has:
+            raise InputError(f"--rationales '{path}': no kept rationale matches a training row")
+        source["train"] = has
+    return table, counts
+
+
 def check_output_dir(output_dir, overwrite: bool) -> Path:
     # --overwrite replaces earlier preprocessor output only, never an unrelated folder.
     return atomic.check_output_dir(output_dir, overwrite, REPORT_NAME, "a preprocessor output")
@@ -257,7 +276,8 @@ def _gc_paused(fn):
 @_gc_paused
 def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_samples=None, val_size=0.05,
                    overwrite=False, num_proc=1, system_prompt=None, reasoning=False, include_caption=False,
-                   seed=42, tokenizer=None, progress=True, vision=None) -> dict:
+                   seed=42, tokenizer=None, progress=True, vision=None, rationales=None,
+                   rationale_missing="drop") -> dict:
     """Preprocess PMC-VQA for SFT; returns the report (also written to `<output_dir>/preprocess_report.json`).
 
     `system_prompt=None` uses `prompts.SYSTEM_PROMPT` (None by default: no system message); `""` forces
@@ -317,6 +337,9 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
     from collections import Counter
     media = vision if vision is not None else TextMedia()  # the one text-or-image decision of this stage
     enc = media.row_encoder(tokenizer, sys_prompt, reasoning, include_caption)
+    rationale_counts = None
+    if rationales:  # sampled reasoning (evaluate.rationales) in the train targets; see docs/REASONING.md
+        enc.rationales, rationale_counts = _apply_rationales(source, rationales, rationale_missing)
     check_empty = not covers_all_text(tokenizer)
     skipped, truncated, encoded = Counter(stats.skipped), Counter(), {}
     # image rows whose figure is missing or bad are dropped here, counted by reason
@@ -364,7 +387,7 @@ def run_preprocess(data, tokenizer_name, output_dir, max_length=1024, max_sample
             "tokenizer_hash": encoding.tokenizer_hash(tokenizer),  # vocab + merges: training refuses another
             "chat_template": "plain (encoding.PLAIN_CHAT_TEMPLATE)" if plain_template else "tokenizer's own",
             "system_prompt": sys_prompt, "reasoning": "brief" if reasoning else "none",
-            "include_caption": bool(include_caption),
+            "include_caption": bool(include_caption), "rationales": rationale_counts,
             "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "files": {s: [str(p) for p in ps] for s, ps in files.items()},
