@@ -15,6 +15,9 @@ Commands (offline, with the embedded tiny model; replace `tiny` / the adapter fo
     # an image model (make demo-vision): one figure, the evaluation with the blind ablation, a comparison
     python inference_example.py --adapter runs/demo-vision/model --greedy --image data/sample_vision/demo/SYNTE0194_F1.png \\
         --question "What colour is the square in the figure?" --choices Red Green Blue Yellow
+    # a DICOM figure (docs/PACS.md): frame 3, an explicit window, and the exact image the model got
+    python inference_example.py --adapter runs/demo-vision/model --greedy --image study.dcm --frame 3 \
+        --window 40,400 --save_model_input seen.png --question "..." --choices A B C D
     python inference_example.py --adapter runs/demo-vision/model --evaluate --dataset_dir runs/demo-vision/data \\
         --compare_base --output_dir runs/demo-vision/eval
     python inference_example.py --compare_runs runs/demo-vision/eval runs/demo-vision-2/eval   # same test split
@@ -85,7 +88,16 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=None, help="write predictions.jsonl and metrics.json here")
     # ---- image models (--model tiny-vision, Qwen/Qwen2.5-VL-7B-Instruct, or their adapters) ----
     v = p.add_argument_group("image models", "for image-text-to-text models (see docs/VISION.md)")
-    v.add_argument("--image", default=None, help="figure file for --question (PNG, JPEG, ...)")
+    v.add_argument("--image", default=None, help="figure file for --question (PNG, JPEG, ... or DICOM .dcm, shown "
+                                                 "as a viewer shows it: modality LUT, stored window, MONOCHROME1 "
+                                                 "inverted; docs/PACS.md)")
+    v.add_argument("--frame", type=int, default=None,
+                   help="DICOM --image: 1-based frame of a multi-frame object (default: the middle one, printed)")
+    v.add_argument("--window", default=None, metavar="CENTER,WIDTH",
+                   help="DICOM --image: VOI window to apply (default: the first stored window, else a "
+                        "0.5-99.5 percentile window)")
+    v.add_argument("--save_model_input", default=None, metavar="PNG",
+                   help="write the exact RGB image handed to the processor (after DICOM windowing) to this PNG")
     v.add_argument("--max_pixels", type=int, default=None,
                    help="cap on each figure's width x height after resizing (default: the training run's)")
     v.add_argument("--images", default=None,
@@ -135,6 +147,9 @@ def main(argv=None) -> int:
         raise InputError("--choices needs --question")
     if args.image and not args.question:
         raise InputError("--image needs --question (in --interactive, use /image PATH)")
+    for flag in ("frame", "window", "save_model_input"):
+        if getattr(args, flag) is not None and not args.image:
+            raise InputError(f"--{flag} needs --image")
     if args.compare_runs:
         from pmcvqa_sft.evaluate.compare import compare_runs
         print(compare_runs(args.compare_runs))
@@ -173,7 +188,17 @@ def main(argv=None) -> int:
     image = None
     if args.image:  # the figure is read and checked before the (slow) model load
         from pmcvqa_sft.data.figures import open_image
-        image = open_image(args.image)
+        window = None
+        if args.window:
+            from pmcvqa_sft.data.dicom import parse_window
+            window = parse_window(args.window)
+        image = open_image(args.image, frame=args.frame, window=window, log=print)
+        if args.save_model_input:
+            import os
+            tmp = f"{args.save_model_input}.tmp-{os.getpid()}"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, args.save_model_input)
+            print(f"model input image written to {args.save_model_input}")
     if args.merge_and_save:
         if not args.adapter:
             raise InputError("--merge_and_save needs --adapter")
