@@ -192,3 +192,49 @@ def test_whole_run_with_debug_logging_leaks_nothing(creds, study, monkeypatch, t
                "xqzlobe", "zqxlesion", creds.password]
     leaked = [s for s in secrets if s in text]
     assert not leaked, leaked
+
+
+def test_cli_batch_with_debug_logging_write_back_and_resume(creds, study, tmp_path):
+    """inference_example.py --pacs on the tiny image model with DEBUG logging on: one JSONL line per
+    instance (the PDF and the 40,000-frame object as recorded errors, not fatal), SRs stored and read
+    back, a rerun asks nothing already answered, and no patient value or password in the output."""
+    import json
+    import subprocess
+    import sys
+
+    from pmcvqa_sft.core.paths import ROOT
+    from pmcvqa_sft.infer.pacs import print_srs
+
+    out, srs = tmp_path / "answers.jsonl", tmp_path / "sr"
+    question = "What colour is the square in the figure?"
+    args = ["--model", "tiny-vision", "--greedy", "--max_new_tokens", "8", "--pacs", creds.dicomweb_url,
+            "--study", study["uid"], "--question", question, "--choices", "Red", "Green", "Blue", "Yellow",
+            "--pacs_out", str(out), "--write_sr", "--sr_out", str(srs)]
+    code = ("import logging, runpy, sys; logging.basicConfig(level=logging.DEBUG); "
+            f"sys.argv = ['inference_example.py', *{args!r}]; "
+            "runpy.run_path('inference_example.py', run_name='__main__')")
+
+    def cli():
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              timeout=900)
+
+    run = cli()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_uid = {r["sop_instance_uid"]: r for r in rows}
+    assert run.returncode == 1, run.stderr[-2000:]                 # some instances failed, the run went on
+    assert len(rows) == len(by_uid) == 7
+    assert "no pixel data" in by_uid[study["pdf"].SOPInstanceUID]["error"]
+    assert "refused before decoding" in by_uid[study["huge"].SOPInstanceUID]["error"]
+    answered = [r for r in rows if "answer" in r]
+    assert len(answered) == 5 and all(r["letter"] in "ABCD" for r in answered)
+    assert len(list(srs.glob("*.dcm"))) == 5
+    client = pacs.connect(creds.dicomweb_url)
+    assert print_srs(client, study["uid"], log=lambda *_: None) >= 5   # stored, and read back
+    rerun = cli()
+    assert "5 already answered" in rerun.stdout and len(out.read_text().splitlines()) == 9
+    text = run.stdout + run.stderr + rerun.stdout + rerun.stderr
+    assert "DEBUG" in text or "urllib3" in text                     # debug logging was on
+    secrets = [*(v for k, v in synth.SYNTHETIC_PATIENT.items() if k != "PatientSex"), "Synthetic",
+               "Probe", synth.STUDY_DATE, creds.password]
+    leaked = [s for s in secrets if s in text]
+    assert not leaked, leaked

@@ -111,7 +111,7 @@ def run(args, log=print) -> int:
                        "sop_instance_uid": ref.sop, "question": args.question, "error": str(exc)}
                 log(f"[{i}/{len(todo)}] instance {ref.sop}: {exc}")
             else:
-                log(f"[{i}/{len(todo)}] instance {ref.sop}: {row['letter'] or row['answer']}")
+                log(f"[{i}/{len(todo)}] instance {ref.sop}: answered")
             _append(fh, row)
     log(f"{len(todo) - failed} answered, {failed} failed; answers in {out}")
     return 1 if failed else 0
