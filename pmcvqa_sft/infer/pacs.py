@@ -96,9 +96,11 @@ def run(args, log=print) -> int:
         return 0
     out = Path(os.path.expanduser(args.pacs_out))
     done = _done(out, args.question)
+    reports = [r for r in refs if r.modality == "SR"]  # structured reports (ours too) have no image
+    refs = [r for r in refs if r.modality != "SR"]
     todo = [r for r in refs if r.sop not in done]
-    log(f"{len(refs)} instance(s) match; {len(refs) - len(todo)} already answered in {out}; "
-        f"{len(todo)} to ask")
+    log(f"{len(refs)} instance(s) match ({len(reports)} SR(s) left out); {len(refs) - len(todo)} already "
+        f"answered in {out}; {len(todo)} to ask")
     failed = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as fh:
