@@ -17,7 +17,7 @@ from pathlib import Path
 from ..core.errors import InputError
 from ..data import pacs as pacs_mod
 from ..data.dicom import dataset_to_image, describe
-from .answer import answer_question
+from .answer import answer_question, conflict_note, normalize_choices
 
 
 def _done(path: Path, question: str) -> set[str]:
@@ -53,10 +53,15 @@ def answer_instance(client, ref, args, window, log=print) -> dict:
                           greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
                           max_new_tokens=args.max_new_tokens, quantization=args.quantization, image=image,
                           max_pixels=args.max_pixels)
+    choices = normalize_choices(args.choices)
     text = f"{ans.letter}: {ans.answer}" if ans.letter else ans.answer
+    note = conflict_note(ans, choices)
+    if note:  # letter and text disagree: the SR and the JSONL say so rather than pick one
+        text += f" [{note}]"
     row = {"study_instance_uid": ref.study, "series_instance_uid": ref.series, "sop_instance_uid": ref.sop,
            "frame": info.get("frame"), "window": info.get("window"), "question": args.question,
-           "choices": args.choices, "letter": ans.letter, "answer": ans.answer}
+           "choices": args.choices, "letter": ans.letter, "answer": ans.answer,
+           "conflict": note}
     if args.write_sr or args.sr_out:
         sr = pacs_mod.build_answer_sr(ds, question=args.question, choices=args.choices or [], answer=text,
                                       model=str(args.model or "base model of the adapter"),
