@@ -215,3 +215,28 @@ def test_real_world_patient_values_are_neither_quoted_nor_fatal(caplog, recwarn)
     assert source.PatientBirthDate == "1951-03-02"                                # source untouched
     logged = caplog.text + " ".join(str(w.message) for w in recwarn)
     assert "1951-03-02" not in logged and "Zyxwvutsrq" not in logged
+
+
+def test_dicom_members_as_figures_and_open_image(tmp_path):
+    """--images folders/zips with .dcm members: shown windowed, or skipped with the reason `dicom`;
+    open_image (--image, console /image) takes the frame and window and says which it used."""
+    import zipfile
+
+    from pmcvqa_sft.data.figures import FigureSkip, check_figure, load_figure, open_image
+    synth.write(synth.multiframe(), tmp_path / "mf.dcm")
+    synth.write(synth.encapsulated_pdf(), tmp_path / "report.dcm")
+    with zipfile.ZipFile(tmp_path / "figs.zip", "w") as zf:
+        zf.write(tmp_path / "mf.dcm", "mf.dcm")
+        zf.write(tmp_path / "report.dcm", "report.dcm")
+    for root, kind in ((str(tmp_path), "folder"), (str(tmp_path / "figs.zip"), "zip")):
+        assert check_figure(root, "mf.dcm", kind) == (128, 128)
+        with pytest.raises(FigureSkip) as skip:
+            check_figure(root, "report.dcm", kind)
+        assert skip.value.reason == "dicom" and "no pixel data" in str(skip.value)
+    said = []
+    middle = open_image(tmp_path / "mf.dcm", log=said.append)
+    first = load_figure(str(tmp_path), "mf.dcm", "folder", frame=1, window=(50, 10))
+    assert middle.mode == "RGB" and "frame 3 of 5" in said[0]
+    assert np.asarray(first).tolist() != np.asarray(middle).tolist()
+    with pytest.raises(InputError, match="no pixel data"):
+        open_image(tmp_path / "report.dcm")
