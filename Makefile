@@ -12,12 +12,13 @@ RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export TOKENIZERS_PARALLELISM ?= true
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup test test-fast demo demo-vision demo-reasoning bench tiny clean help
+.PHONY: setup test test-fast orthanc demo demo-vision demo-pacs demo-reasoning bench tiny clean help
 
 help:
 	@echo "make demo   - offline end-to-end run on the embedded tiny model (about 2 min on 2 cores)"
 	@echo "make demo-vision - the same for an image model: tiny Qwen2.5-VL on bundled figures (a few min)"
 	@echo "make demo-reasoning - base -> SFT -> +GRPO on the tiny model, one table (docs/REASONING.md)"
+	@echo "make demo-pacs - the PACS loop on the tiny image model: Orthanc, ask, SR write-back, read back"
 	@echo "make test   - run the test suite"
 	@echo "make bench  - run the benchmarks (bench/results/*.json, docs/BENCHMARKS.md)"
 	@echo "make setup  - create $(VENV) and install requirements.txt"
@@ -34,8 +35,19 @@ $(VENV)/.installed: requirements.txt
 tiny: setup
 	$(PYTHON) -m pmcvqa_sft.models.tiny
 
-test: setup $(VENV)/.installed-test
+test: setup $(VENV)/.installed-test orthanc
 	$(PYTHON) -m pytest tests -q -ra
+
+# Orthanc (+ its DICOMweb plugin, dcmtk) for the PACS tests and make demo-pacs (docs/PACS.md). As root it is
+# installed from Debian; policy-rc.d stops the package from starting a system Orthanc on 8042/4242.
+ORTHANC_PKGS = orthanc orthanc-dicomweb dcmtk
+orthanc:
+	@if command -v Orthanc >/dev/null 2>&1 && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(ORTHANC_PKGS); \
+	  rc=$$?; rm -f /usr/sbin/policy-rc.d; (service orthanc stop || true) >/dev/null 2>&1; exit $$rc; \
+	else echo "Orthanc missing (PACS tests skip, CI fails): sudo apt-get install -y --no-install-recommends $(ORTHANC_PKGS)"; fi
 
 # the test-only packages (serving engine extras, openai client, lm-eval): requirements-test.txt
 $(VENV)/.installed-test: requirements-test.txt requirements.txt $(VENV)/.installed
@@ -133,3 +145,27 @@ bench: setup
 
 clean:
 	rm -rf artifacts runs
+
+# The PACS loop (docs/PACS.md) on the tiny image model: a short 8-bit LoRA run (its accuracy is not the
+# point; PACS_ADAPTER=DIR reuses one), a throwaway Orthanc holding the bundled figures as DICOM, questions
+# over DICOMweb, answers written back as SRs, the SRs read back and printed, Orthanc stopped.
+PDEMO_STEPS ?= 40
+PRUN_DIR    ?= runs/demo-pacs-$(shell date +%Y%m%d-%H%M%S)
+PACS_ADAPTER ?=
+demo-pacs: setup orthanc
+	@set -e; run="$(PRUN_DIR)"; start=$$(date +%s); export OMP_NUM_THREADS=$(VDEMO_THREADS); \
+	adapter="$(PACS_ADAPTER)"; \
+	if [ -z "$$adapter" ]; then \
+	  echo "==> [1/2] a quick tiny-vision adapter ($(PDEMO_STEPS) steps; accuracy is not the point) -> $$run/model"; \
+	  $(PYTHON) -m pmcvqa_sft.models.tiny --vision; \
+	  $(PYTHON) preprocess_pmc_vqa_for_sft.py --data data/sample_vision --images data/sample_vision/images_2.zip \
+	    --tokenizer tiny-vision --output_dir $$run/data; \
+	  $(PYTHON) train_sft_example.py --model tiny-vision --dataset_dir $$run/data --output_dir $$run/model \
+	    --quantization 8bit --train_vision merger --max_steps $(PDEMO_STEPS) --learning_rate $(VDEMO_LR) \
+	    --warmup_steps 5 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 \
+	    --no-gradient_checkpointing --eval_steps 1000 --logging_steps 10; \
+	  adapter=$$run/model; \
+	else echo "==> [1/2] reusing the adapter $$adapter"; fi; \
+	echo "==> [2/2] Orthanc, figures as DICOM, ask over DICOMweb, SRs written back and read back -> $$run"; \
+	$(PYTHON) -m pmcvqa_sft.verify.pacs_demo --adapter $$adapter --out $$run; \
+	echo "demo-pacs finished in $$(( $$(date +%s) - start )) s"

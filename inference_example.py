@@ -15,6 +15,15 @@ Commands (offline, with the embedded tiny model; replace `tiny` / the adapter fo
     # an image model (make demo-vision): one figure, the evaluation with the blind ablation, a comparison
     python inference_example.py --adapter runs/demo-vision/model --greedy --image data/sample_vision/demo/SYNTE0194_F1.png \\
         --question "What colour is the square in the figure?" --choices Red Green Blue Yellow
+    # a DICOM figure (docs/PACS.md): frame 3, an explicit window, and the exact image the model got
+    python inference_example.py --adapter runs/demo-vision/model --greedy --image study.dcm --frame 3 \\
+        --window 40,400 --save_model_input seen.png --question "..." --choices A B C D
+    # a PACS (docs/PACS.md; export PMCVQA_PACS_USER=... PMCVQA_PACS_PASSWORD=... first): one instance with
+    # the answer stored back as an SR, then every CT of a study into a JSONL
+    python inference_example.py --adapter runs/demo-vision/model --greedy --pacs http://127.0.0.1:8042/dicom-web \\
+        --study 1.2.3 --instance 1.2.3.4 --question "..." --choices A B C D --write_sr
+    python inference_example.py --adapter runs/demo-vision/model --greedy --pacs http://127.0.0.1:8042/dicom-web \\
+        --study 1.2.3 --modality CT --question "..." --choices A B C D --pacs_out answers.jsonl --sr_out srs/
     python inference_example.py --adapter runs/demo-vision/model --evaluate --dataset_dir runs/demo-vision/data \\
         --compare_base --output_dir runs/demo-vision/eval
     python inference_example.py --compare_runs runs/demo-vision/eval runs/demo-vision-2/eval   # same test split
@@ -94,7 +103,16 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=None, help="write predictions.jsonl and metrics.json here")
     # ---- image models (--model tiny-vision, Qwen/Qwen2.5-VL-7B-Instruct, or their adapters) ----
     v = p.add_argument_group("image models", "for image-text-to-text models (see docs/VISION.md)")
-    v.add_argument("--image", default=None, help="figure file for --question (PNG, JPEG, ...)")
+    v.add_argument("--image", default=None, help="figure file for --question (PNG, JPEG, ... or DICOM .dcm, shown "
+                                                 "as a viewer shows it: modality LUT, stored window, MONOCHROME1 "
+                                                 "inverted; docs/PACS.md)")
+    v.add_argument("--frame", type=int, default=None,
+                   help="DICOM --image: 1-based frame of a multi-frame object (default: the middle one, printed)")
+    v.add_argument("--window", default=None, metavar="CENTER,WIDTH",
+                   help="DICOM --image: VOI window to apply (default: the first stored window, else a "
+                        "0.5-99.5 percentile window)")
+    v.add_argument("--save_model_input", default=None, metavar="PNG",
+                   help="write the exact RGB image handed to the processor (after DICOM windowing) to this PNG")
     v.add_argument("--max_pixels", type=int, default=None,
                    help="cap on each figure's width x height after resizing (default: the training run's)")
     v.add_argument("--images", default=None,
@@ -102,6 +120,24 @@ def parse_args(argv=None):
     v.add_argument("--blind", action=argparse.BooleanOptionalAction, default=True,
                    help="--evaluate: also run the blind ablation (the model with every figure blanked); "
                         "--no-blind skips it")
+    # ---- PACS over DICOMweb (docs/PACS.md); credentials from the environment or a netrc file only ----
+    k = p.add_argument_group("PACS (DICOMweb)", "ask about images in a PACS; credentials: PMCVQA_PACS_USER + "
+                             "PMCVQA_PACS_PASSWORD, PMCVQA_PACS_TOKEN, or a netrc file (PMCVQA_PACS_NETRC, "
+                             "default ~/.netrc) - never a flag")
+    k.add_argument("--pacs", default=None, metavar="URL",
+                   help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web (no credentials in it)")
+    k.add_argument("--study", default=None, metavar="UID", help="--pacs: Study Instance UID to search")
+    k.add_argument("--series", default=None, metavar="UID", help="--pacs: Series Instance UID (with --study)")
+    k.add_argument("--instance", default=None, metavar="UID", help="--pacs: SOP Instance UID")
+    k.add_argument("--modality", default=None, help="--pacs: only instances of this modality (CT, MR, CR, ...)")
+    k.add_argument("--date", default=None, metavar="YYYYMMDD[-YYYYMMDD]", help="--pacs: study date (range)")
+    k.add_argument("--pacs_out", default=None, metavar="JSONL",
+                   help="--pacs batch: answer every matching instance, one JSON line each (errors recorded, "
+                        "appended; a rerun skips instances already answered)")
+    k.add_argument("--write_sr", action="store_true",
+                   help="--pacs: store each answer as a Comprehensive SR (new series, UNVERIFIED, PRELIMINARY, "
+                        "not for diagnostic use) in the source study over STOW-RS")
+    k.add_argument("--sr_out", default=None, metavar="DIR", help="--pacs: write each SR as DIR/<SOP UID>.dcm")
     mode.add_argument("--compare_runs", nargs="+", metavar="EVAL_DIR", default=None,
                       help="side-by-side table of several --evaluate --output_dir folders on their common "
                            "test rows (e.g. text-only tuned, image base, image tuned, blind)")
@@ -158,10 +194,16 @@ def main(argv=None) -> int:
         raise InputError("--choices needs --question")
     if args.image and not args.question:
         raise InputError("--image needs --question (in --interactive, use /image PATH)")
+    for flag in ("frame", "window", "save_model_input"):
+        if getattr(args, flag) is not None and not args.image and not (args.pacs and flag != "save_model_input"):
+            raise InputError(f"--{flag} needs --image")
     if args.compare_runs:
         from pmcvqa_sft.evaluate.compare import compare_runs
         print(compare_runs(args.compare_runs))
         return 0
+    if not args.pacs and any(getattr(args, f) for f in ("study", "series", "instance", "modality", "date", "pacs_out",
+                                         "write_sr", "sr_out")):
+        raise InputError("--study/--series/--instance/--modality/--date/--pacs_out/--write_sr/--sr_out need --pacs")
     if not (args.interactive or args.demo or args.question or args.evaluate or args.merge_and_save
             or args.serve or args.export_lm_eval or args.sample_rationales):
         raise InputError("nothing to do: pass one of --interactive, --demo, --question, --evaluate, "
@@ -204,10 +246,25 @@ def main(argv=None) -> int:
     from pmcvqa_sft.infer.answer import answer_question, conflict_note, normalize_choices
     from pmcvqa_sft.models import adapters as inference
     choices = normalize_choices(args.choices) if args.choices else None  # fail before loading
+    if args.pacs:
+        if args.image:
+            raise InputError("--pacs takes its images from the PACS; drop --image")
+        from pmcvqa_sft.infer import pacs as pacs_run
+        return pacs_run.run(args)
     image = None
     if args.image:  # the figure is read and checked before the (slow) model load
         from pmcvqa_sft.data.figures import open_image
-        image = open_image(args.image)
+        window = None
+        if args.window:
+            from pmcvqa_sft.data.dicom import parse_window
+            window = parse_window(args.window)
+        image = open_image(args.image, frame=args.frame, window=window, log=print)
+        if args.save_model_input:
+            import os
+            tmp = f"{args.save_model_input}.tmp-{os.getpid()}"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, args.save_model_input)
+            print(f"model input image written to {args.save_model_input}")
     if args.merge_and_save:
         if not args.adapter:
             raise InputError("--merge_and_save needs --adapter")

@@ -84,3 +84,70 @@ def processed_vision(tmp_path_factory) -> Path:
     assert pre.main(["--data", str(VISION_SAMPLE_DIR), "--images", str(VISION_SAMPLE_DIR / "images_2.zip"),
                      "--tokenizer", "tiny-vision", "--output_dir", str(out)]) == 0
     return out
+
+
+# ---- a real Orthanc (session-wide) holding the synthetic DICOM objects (tests/test_pacs_orthanc.py) ----
+# Orthanc missing: a failure in CI (CI set) or as root (`make test` installs it there); a visible skip
+# with the install line otherwise.
+from pmcvqa_sft.data import dicom_samples  # noqa: E402
+from pmcvqa_sft.data import pacs as pacs_mod  # noqa: E402
+from pmcvqa_sft.verify import orthanc as orthanc_mod  # noqa: E402
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, generate_uid  # noqa: E402
+
+
+def _require_orthanc():
+    if orthanc_mod.find_orthanc():
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the Orthanc tests: {orthanc_mod.INSTALL_HINT}")
+    if os.geteuid() == 0:
+        pytest.fail(f"running as root, so `make test` installs Orthanc: {orthanc_mod.INSTALL_HINT}")
+    pytest.skip(orthanc_mod.INSTALL_HINT)
+
+
+@pytest.fixture(scope="session")
+def orthanc():
+    _require_orthanc()
+    # A new folder under /tmp (removed afterwards): pytest's tmp_path is closed to `nobody`.
+    with orthanc_mod.orthanc_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def study(orthanc):
+    """The synthetic study stored once: name -> dataset (as stored)."""
+    uid = generate_uid()
+    objects = {
+        "ct": dicom_samples.ct_slice(study_uid=uid),
+        "cr": dicom_samples.xray_monochrome1(study_uid=uid),
+        "multiframe": dicom_samples.multiframe(study_uid=uid),
+        "ct_j2k": dicom_samples.compress(dicom_samples.ct_slice(study_uid=uid), JPEG2000Lossless),
+        "cr_jpegls": dicom_samples.compress(dicom_samples.xray_monochrome1(study_uid=uid), JPEGLSLossless),
+        "pdf": dicom_samples.encapsulated_pdf(study_uid=uid),
+        "huge": dicom_samples.huge_multiframe_header(study_uid=uid),
+    }
+    os.environ.update({pacs_mod.ENV_USER: orthanc.user, pacs_mod.ENV_PASSWORD: orthanc.password})
+    try:
+        client = pacs_mod.connect(orthanc.dicomweb_url)
+        for ds in objects.values():
+            client.store(ds)
+    finally:
+        for key in (pacs_mod.ENV_USER, pacs_mod.ENV_PASSWORD):
+            os.environ.pop(key, None)
+    return {"uid": uid, **objects}
+
+
+@pytest.fixture
+def creds(orthanc, monkeypatch, tmp_path):
+    """The admin credentials in the environment (and no stray netrc/token)."""
+    for key in (pacs_mod.ENV_TOKEN, pacs_mod.ENV_NETRC):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc of the machine's user
+    monkeypatch.setenv(pacs_mod.ENV_USER, orthanc.user)
+    monkeypatch.setenv(pacs_mod.ENV_PASSWORD, orthanc.password)
+    return orthanc
+
+
+@pytest.fixture
+def client(creds):
+    return pacs_mod.connect(creds.dicomweb_url)

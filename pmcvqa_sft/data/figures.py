@@ -37,7 +37,8 @@ MAX_FIGURE_PIXELS = 89_478_485   # PIL's own decompression-bomb threshold (Image
 MAX_FIGURE_BYTES = 256 << 20     # a figure file/member larger than this is not read (zip bomb guard)
 MAX_ASPECT_RATIO = 200           # Qwen2-VL's smart_resize refuses max(w, h) / min(w, h) above this
 HUB_ARCHIVES = {"1": "images.zip", "2": "images_2.zip"}
-SKIP_REASONS = ("missing", "empty", "unreadable", "truncated", "oversized", "aspect_ratio", "unsafe_path")
+SKIP_REASONS = ("missing", "empty", "unreadable", "truncated", "oversized", "aspect_ratio", "unsafe_path",
+                "dicom")  # dicom: a DICOM member that cannot be shown (no pixels, syntax, size, corrupt)
 
 
 class FigureSkip(Exception):
@@ -152,12 +153,22 @@ def read_bytes(root, ref: str, kind: str) -> bytes:
         raise FigureSkip("unreadable", f"{ref}: {exc}") from None
 
 
-def _decode(data: bytes, ref: str, fast: bool = False):
-    """bytes -> decoded PIL image (original size), classifying every failure as a FigureSkip."""
+def _decode(data: bytes, ref: str, fast: bool = False, frame=None, window=None, log=None):
+    """bytes -> decoded PIL image (original size), classifying every failure as a FigureSkip. DICOM
+    (Part 10 marker or a .dcm/.dicom name) is shown as a viewer shows it (data/dicom.py)."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise FigureSkip("empty", f"{ref}: 0 bytes")
+    if bytes(data[128:132]) == b"DICM" or str(ref).lower().endswith((".dcm", ".dicom")):
+        from .dicom import describe, read_dicom
+        try:
+            im, info = read_dicom(bytes(data), frame=frame, window=window, name=f"DICOM '{ref}'")
+        except InputError as exc:
+            raise FigureSkip("dicom", str(exc)) from None
+        if log is not None:
+            log(describe(info))
+        return im, im.size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
         try:
@@ -228,9 +239,10 @@ def to_rgb(im):
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def load_figure(root, ref: str, kind: str):
-    """The figure as an RGB PIL image at its original size (FigureSkip if it went bad since the check)."""
-    im, _ = _decode(read_bytes(root, ref, kind), ref)
+def load_figure(root, ref: str, kind: str, frame=None, window=None, log=None):
+    """The figure as an RGB PIL image at its original size (FigureSkip if it went bad since the check).
+    DICOM: `frame` (1-based, default the middle one) and `window` (center, width) as in data/dicom.py."""
+    im, _ = _decode(read_bytes(root, ref, kind), ref, frame=frame, window=window, log=log)
     return to_rgb(im)
 
 
@@ -271,15 +283,16 @@ def hub_archive(repo_id: str, version: str, cache_dir=None, log=print) -> Path:
                          f"--images /path/to/{name}") from None
 
 
-def open_image(path):
-    """A figure given on the command line / in the console, as RGB (named one-line errors)."""
+def open_image(path, frame=None, window=None, log=None):
+    """A figure given on the command line / in the console, as RGB (named one-line errors). A DICOM
+    file is windowed as a viewer shows it (`frame`, `window`); `log` gets which frame/window was used."""
     p = Path(path)
     if p.is_dir():
         raise InputError(f"image '{path}' is a folder; pass one figure file (PNG, JPEG, ...)")
     if not p.is_file():
         raise InputError(f"image '{path}' does not exist")
     try:
-        return load_figure(str(p.parent), p.name, "folder")
+        return load_figure(str(p.parent), p.name, "folder", frame=frame, window=window, log=log)
     except FigureSkip as exc:
         raise InputError(f"image '{path}' cannot be used: {exc}") from None
 

@@ -209,7 +209,7 @@ def console_image(processor, path):
                          "tiny-vision or an image model's --adapter)")
     if not path:
         raise InputError("usage: /image PATH")
-    return open_image(path)
+    return open_image(path, log=print)
 
 
 def demo_questions(sample_dir=SAMPLE_VISION_DIR) -> list[tuple[str, dict, str, Path]]:
