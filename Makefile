@@ -44,9 +44,10 @@ ORTHANC_PKGS = orthanc orthanc-dicomweb dcmtk
 orthanc:
 	@if command -v Orthanc >/dev/null 2>&1 && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
+	  made=0; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod +x /usr/sbin/policy-rc.d; made=1; fi; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(ORTHANC_PKGS); \
-	  rc=$$?; rm -f /usr/sbin/policy-rc.d; (service orthanc stop || true) >/dev/null 2>&1; exit $$rc; \
+	  rc=$$?; if [ $$made = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi; (service orthanc stop || true) >/dev/null 2>&1; exit $$rc; \
 	else echo "Orthanc missing (PACS tests skip, CI fails): sudo apt-get install -y --no-install-recommends $(ORTHANC_PKGS)"; fi
 
 # the test-only packages (serving engine extras, openai client, lm-eval): requirements-test.txt

@@ -84,6 +84,34 @@ def test_served_image_model_answers_as_image_flag(served_vision, vision_run):
         assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + n + 2, path.name
 
 
+def test_served_image_model_takes_dicom_as_the_cli_shows_it(served_vision, vision_run, tmp_path):
+    """A DICOM object sent as a data URL gets the answer `--image x.dcm` gives, and the same image tokens as
+    the PNG it was made from (a secondary capture keeps the pixels exactly)."""
+    from openai import OpenAI
+
+    from pmcvqa_sft import prompts
+    from pmcvqa_sft.data.dicom_samples import secondary_capture, to_bytes
+    from pmcvqa_sft.infer.answer import answer_question
+    from pmcvqa_sft.infer.console import demo_questions
+    from tests.test_inference import one_thread
+    client = OpenAI(base_url=served_vision, api_key="none", max_retries=0, timeout=HANG_GUARD)
+    q, choices, _gold, path = demo_questions()[0]
+    dcm = tmp_path / "figure.dcm"
+    dcm.write_bytes(to_bytes(secondary_capture(path)))
+    with one_thread():
+        ref = answer_question(q, choices, adapter=str(vision_run), image=str(dcm), greedy=True,
+                              quantization="none", max_new_tokens=16)
+    text = prompts.format_user_prompt(q, choices)
+    url = "data:application/dicom;base64," + base64.b64encode(dcm.read_bytes()).decode()
+    ask = lambda u: client.chat.completions.create(  # noqa: E731
+        model=vision_run.name, temperature=0, max_tokens=16,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}},
+                                               {"type": "text", "text": text}]}])
+    got, png = ask(url), ask(_data_url(path))
+    assert got.choices[0].message.content.strip() == ref.raw.strip()
+    assert got.usage.prompt_tokens == png.usage.prompt_tokens
+
+
 def test_served_image_model_refuses_bad_figures_in_one_line(served_vision, vision_run):
     from PIL import Image
     buf = io.BytesIO()

@@ -14,6 +14,8 @@ runs unchanged, with three additions, all made before it starts:
   and the others answer 404);
 - `GuardedChatHandler`, the stock chat handler with checks first: a malformed body is a 400 with a
   message (never a 500), images must be base64 `data:` URLs of figures `figures.check_image_bytes`
+  (a DICOM object, `data:application/dicom;base64,...`, is shown as `--image x.dcm` shows it and handed on
+  to the engine as PNG)
   accepts (the checks of --image, the console and preprocessing), a text longer than `max_prompt_tokens`
   could be is refused before it is tokenized, and `max_tokens` is clipped to the room left in the model's
   context (`finish_reason` is then "length", honestly).
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import io
 import json
 import sys
 
@@ -32,6 +35,7 @@ from transformers.cli.serving.chat_completion import ChatCompletionHandler
 from transformers.cli.serving.utils import Modality, prompt_length
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 
+from ..data.dicom import is_dicom, read_dicom
 from ..models.processor import ImageTextProcessor
 from .serving import DEFAULT_MAX_REQUEST_BYTES
 
@@ -191,6 +195,24 @@ def check_images(body: dict) -> None:
                 figures.check_image_bytes(raw, where)
             except figures.FigureSkip as exc:
                 raise BadRequest(f"the figure cannot be used ({exc})") from None
+            if is_dicom(raw):  # the engine decodes images with PIL: hand it the DICOM as a viewer shows it
+                _replace_url(part, dicom_data_url(raw, where))
+
+
+def dicom_data_url(raw: bytes, where: str) -> str:
+    """A DICOM object (modality LUT, stored or percentile window, MONOCHROME1 inverted, middle frame:
+    data/dicom.py, as `--image x.dcm` shows it) as a PNG data URL."""
+    im, _ = read_dicom(raw, name=where)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _replace_url(part: dict, url: str) -> None:
+    if isinstance(part.get("image_url"), dict):
+        part["image_url"]["url"] = url
+    else:
+        part["image_url"] = url
 
 
 def text_chars(body: dict) -> int:
