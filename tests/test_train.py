@@ -126,6 +126,18 @@ def test_lora_learns_on_quantized_base(quant, processed_tiny, tiny_dir, tmp_path
     assert run.trainer.real_tokens / run.trainer.computed_tokens > 0.9
 
 
+def test_reshuffled_training_evaluates_on_the_stored_orders(processed_tiny, tiny_dir, tmp_path, one_thread):
+    """--shuffle_choices reshuffles training rows only: two evaluations of one model give the same eval
+    loss, the loss of the rows as stored (the yardstick that picks the best checkpoint)."""
+    from pmcvqa_sft.train.run import setup_run
+    run = setup_run(small_opts(processed_tiny, tmp_path / "s", model=str(tiny_dir), shuffle_choices=True,
+                               max_eval_samples=8), log=lambda *_: None)
+    first, second = (run.trainer.evaluate()["eval_loss"] for _ in range(2))
+    plain = setup_run(small_opts(processed_tiny, tmp_path / "p", model=str(tiny_dir), max_eval_samples=8),
+                      log=lambda *_: None).trainer.evaluate()["eval_loss"]
+    assert first == second == pytest.approx(plain, abs=1e-6), (first, second, plain)
+
+
 def test_end_to_end_outputs_and_exact_resume(processed_tiny, tiny_dir, tmp_path, one_thread):
     """Uninterrupted run vs. SIGKILL after checkpoint 6 + `--resume_from_checkpoint auto`: same losses, with
     the choices reshuffled per draw (the resumed epoch must give its remaining rows the same orders)."""

@@ -10,7 +10,8 @@ preprocess report), so the labels still cover exactly the assistant answer + EOS
 The permutation of a row is seeded by (seed, row, epoch, how often the row was drawn in this epoch): a
 rerun gives the same orders, and so does a resume after kill -9 (the trainer tells the collator the epoch,
 replays the epoch's rows and skips the batches already trained, so every remaining row gets the order the
-uninterrupted run gave it). Image rows are fitted to `max_length` counting the figure's tokens, as
+uninterrupted run gave it). Validation batches keep the stored order (`eval_collator`, used by the
+trainer's eval loader), so every checkpoint's eval loss is measured on the same sequences. Image rows are fitted to `max_length` counting the figure's tokens, as
 preprocessing counted them.
 """
 from __future__ import annotations
@@ -51,6 +52,11 @@ class ShuffledChoices:
         self.extra_tokens = extra_tokens  # row -> tokens it will have beyond its ids (a figure's expansion)
         self.epoch = 0
         self.draws: dict[tuple, int] = {}
+
+    @property
+    def eval_collator(self) -> Callable:
+        """The collator for validation batches: stored orders, so each evaluation sees the same rows."""
+        return self.inner
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer at each epoch start (also the resumed one): draws count within an epoch."""

@@ -257,6 +257,16 @@ def _trainer_class():
                     self.seen_rows.extend(rows.tolist())
             return target_logits_only(super()._prepare_inputs(inputs))
 
+        def get_eval_dataloader(self, eval_dataset=None):
+            # validation rows keep their stored choice order (`ShuffledChoices.eval_collator`): the eval
+            # loss that picks the best checkpoint must measure every checkpoint on the same sequences
+            train_collator = self.data_collator
+            self.data_collator = getattr(train_collator, "eval_collator", train_collator)
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = train_collator
+
     return SFTLoRATrainer
 
 
