@@ -145,7 +145,8 @@ def parse_args(argv=None):
     # ---- serving and lm-eval export ----
     mode.add_argument("--sample_rationales", metavar="OUT.jsonl", default=None,
                       help="rejection sampling: up to --samples completions per question of --split, keep the "
-                           "first strictly right one; append-only, a rerun resumes (docs/REASONING.md)")
+                           "first strictly right one (text or image model); append-only, a rerun resumes; "
+                           "report in OUT.report.json (docs/REASONING.md)")
     ep = p.add_argument_group("endpoints (--sample_rationales, --evaluate)", "any OpenAI-compatible server; the "
                               "API key comes from PMCVQA_ENDPOINT_KEY or OPENAI_API_KEY (needs: pip install openai)")
     ep.add_argument("--endpoint", metavar="URL", default=None,

@@ -86,6 +86,43 @@ def processed_vision(tmp_path_factory) -> Path:
     return out
 
 
+VISION_STEPS = 40  # enough for an adapter whose answers depend on the figure; accuracy is not the point here
+
+
+@pytest.fixture(scope="session")
+def vision_run(tmp_path_factory):
+    """A make-demo-vision-shaped run folder (RUN/data, RUN/model) at a reduced size: the tiny image model's
+    quick adapter, trained once per session (tests/test_serving_vision.py, tests/test_rationales_vision.py)."""
+    import subprocess
+
+    from tests.test_serving import ENV_1T, HANG_GUARD
+    run = tmp_path_factory.mktemp("vision-run")
+    for args in (["preprocess_pmc_vqa_for_sft.py", "--data", str(VISION_SAMPLE_DIR), "--images",
+                  str(VISION_SAMPLE_DIR / "images_2.zip"), "--tokenizer", "tiny-vision",
+                  "--output_dir", str(run / "data")],
+                 ["train_sft_example.py", "--model", "tiny-vision", "--dataset_dir", str(run / "data"),
+                  "--output_dir", str(run / "model"), "--quantization", "none", "--train_vision", "merger",
+                  "--max_steps", str(VISION_STEPS), "--learning_rate", "2e-3", "--per_device_train_batch_size", "16",
+                  "--no-gradient_checkpointing", "--report_to", "none", "--no-progress"]):
+        out = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV_1T, capture_output=True, text=True,
+                             timeout=HANG_GUARD)
+        assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def served_vision(vision_run, tmp_path_factory):
+    """`--adapter RUN --serve` (the run folder, as make demo-vision prints it): one server for the session."""
+    from tests.test_serving import HANG_GUARD, _free_port, _need, _Server
+    _need("openai", "fastapi", "uvicorn")
+    srv = _Server(["--adapter", str(vision_run), "--serve", "--port", str(_free_port()), "--serve_cache",
+                   str(tmp_path_factory.mktemp("serve-cache")), "--ready_timeout", str(HANG_GUARD)])
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
 # ---- a real Orthanc (session-wide) holding the synthetic DICOM objects (tests/test_pacs_orthanc.py) ----
 # Orthanc missing: a failure in CI (CI set) or as root (`make test` installs it there); a visible skip
 # with the install line otherwise.

@@ -50,7 +50,7 @@ def test_shuffled_rows_keep_labels_on_exactly_the_answer_and_eos(processed_tiny,
         assert f"{letter}. {gold_text}" in prompt
         # the same ids as the reference encoder on the conversation with this draw's order
         from pmcvqa_sft.data.shuffle import shuffle_choices
-        rng = random.Random(f"3/{(row['source_file'], row['source_row'])}/{len(seen)}")
+        rng = random.Random(f"3/{(row['source_file'], row['source_row'])}/0/{len(seen)}")  # epoch 0
         shown, gold = shuffle_choices(row_choices(row), row["answer_label"], rng)
         assert gold == letter
         ref = encode_conversation(tiny_tokenizer, prompts.create_conversation(row["question"], shown, gold))
@@ -58,6 +58,30 @@ def test_shuffled_rows_keep_labels_on_exactly_the_answer_and_eos(processed_tiny,
         seen.append(tuple(shown.values()))
     assert len(set(seen)) > 3  # a fresh order per draw
     assert sorted(seen[0]) == sorted(row_choices(row).values())
+
+
+def test_shuffled_orders_follow_the_epoch_and_count_a_figures_tokens(processed_tiny, tiny_tokenizer):
+    """Orders are a function of (seed, row, epoch, draw in the epoch), so a resumed epoch replays them; a row
+    that will carry a figure's tokens is fitted to max_length with them counted (shortened, never over)."""
+    from pmcvqa_sft.data.shuffle import ShuffledChoices, row_encoder_for
+    row, report = _row(processed_tiny)
+    enc = row_encoder_for(report, tiny_tokenizer)
+    run = ShuffledChoices(lambda feats: feats, enc, 1024, seed=3)
+    orders = {}
+    for epoch in range(3):
+        run.set_epoch(epoch)
+        orders[epoch] = run([row])[0]["input_ids"]
+    resumed = ShuffledChoices(lambda feats: feats, enc, 1024, seed=3)
+    resumed.set_epoch(2)  # a run resumed in epoch 2 whose first draw of this row comes now
+    assert resumed([row])[0]["input_ids"] == orders[2]
+    assert len({tuple(v) for v in orders.values()}) > 1
+    n = len(row["input_ids"])
+    plain = ShuffledChoices(lambda feats: feats, enc, n + 4, seed=3)([row])[0]
+    assert len(plain["input_ids"]) <= n + 4
+    extra = 8
+    fitted = ShuffledChoices(lambda feats: feats, enc, n + 4, seed=3, extra_tokens=lambda r: extra)([row])[0]
+    assert len(fitted["input_ids"]) + extra <= n + 4 or fitted["input_ids"] == list(row["input_ids"])
+    assert len(fitted["input_ids"]) < len(plain["input_ids"])
 
 
 def test_shuffle_choices_moves_the_gold_letter_with_its_text():

@@ -106,6 +106,35 @@ def test_torn_last_line_is_cut(tmp_path):
     assert [r["id"] for r in _lines(p)] == ["a", "c"]
 
 
+def test_kept_is_strict_and_reasoning_tokens_are_the_tokenizers_count(tiny_tokenizer, tmp_path):
+    """Kept = the first strictly right sample by format.answers.exact_match (the right text under the wrong
+    letter is not); the report's mean reasoning tokens are those of the kept reasoning alone (the think
+    block, or the plain text before the answer line), counted with the tokenizer: an empty think block is 0."""
+    from pmcvqa_sft.evaluate.rationales import Sample, format_rationale_report, report_path, sample_rationales
+    known = "Bile is made by hepatocytes in the liver."
+    plain = "The figure shows the liver."
+    turns = [["<think>\nno\n</think>\n\nAnswer: A. Liver", f"<think>\n{known}\n</think>\n\nAnswer: B. Liver"],
+             ["<think>\n\n</think>\n\nAnswer: B. Liver"],
+             [f"{plain}\n\nAnswer: B. Liver"],  # a model without think tokens (Qwen2.5-VL)
+             ["<think>\nx\n</think>\n\nAnswer: A. Kidney", "<think>\nx\n</think>\n\nAnswer: B. Kidney"]]
+    rows = [{"source_file": "t.csv", "source_row": i, "index": i, "answer_label": "B",
+             "choices": {"A": "Kidney", "B": "Liver"}} for i in range(len(turns))]
+    out = tmp_path / "r.jsonl"
+    rep = sample_rationales(rows, lambda row: (Sample(t, range(7), True) for t in turns[row["source_row"]]), out,
+                            2, "fake", {}, tiny_tokenizer, "tiny")
+    recs = [(r["kept"], r["attempts"], r["reasoning"], r["reasoning_tokens"]) for r in _lines(out)]
+    count = lambda text: len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert count(known) > 0 and count(plain) > 0
+    assert recs == [(True, 2, known, count(known)), (True, 1, "", 0), (True, 1, plain, count(plain)),
+                    (False, 2, None, None)]
+    assert rep["mean_reasoning_tokens"] == (count(known) + count(plain)) / 3
+    assert rep["success_by_attempt"] == {"1": 2, "2": 1} and rep["mean_completion_tokens"] == 7
+    assert rep["reasoning_tokens_counted_with"] == "tiny" and json.loads(report_path(out).read_text()) == rep
+    text = format_rationale_report(rep)
+    assert "3/4 questions kept (75.0 %)" in text and "counted with the tokenizer of tiny" in text
+    assert f"): {(count(known) + count(plain)) / 3:.1f}" in text
+
+
 def _target_check(tok, rationale):
     """The trained target holds the rationale in the think block; the inference prompt is a prefix."""
     from pmcvqa_sft import prompts

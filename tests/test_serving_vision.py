@@ -1,48 +1,17 @@
 """Serving an image model: the served model sees the figure (data-URL image parts through the openai client
 give --image's greedy answers for every bundled demo figure, and prompt_tokens count the image tokens under
-the run card's max_pixels); bad figures are one-line 400s; vLLM refuses an image adapter in one line."""
+the run card's max_pixels); bad figures are one-line 400s; vLLM refuses an image adapter in one line.
+The run and its server are conftest's session fixtures `vision_run` / `served_vision`, shared with
+tests/test_rationales_vision.py (one training, one server)."""
 from __future__ import annotations
 
 import base64
 import io
 import mimetypes
-import subprocess
-import sys
 
 import pytest
 
-from tests.test_serving import ENV_1T, HANG_GUARD, ROOT, _free_port, _need, _post, _Server
-
-STEPS = 40  # enough for an adapter whose answers depend on the figure; accuracy is not the point here
-
-
-@pytest.fixture(scope="module")
-def vision_run(tmp_path_factory):
-    """A make-demo-vision-shaped run folder (RUN/data, RUN/model) at a reduced size."""
-    run = tmp_path_factory.mktemp("vision-run")
-    sample = ROOT / "data" / "sample_vision"
-    for args in (["preprocess_pmc_vqa_for_sft.py", "--data", str(sample), "--images", str(sample / "images_2.zip"),
-                  "--tokenizer", "tiny-vision", "--output_dir", str(run / "data")],
-                 ["train_sft_example.py", "--model", "tiny-vision", "--dataset_dir", str(run / "data"),
-                  "--output_dir", str(run / "model"), "--quantization", "none", "--train_vision", "merger",
-                  "--max_steps", str(STEPS), "--learning_rate", "2e-3", "--per_device_train_batch_size", "16",
-                  "--no-gradient_checkpointing", "--report_to", "none", "--no-progress"]):
-        out = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV_1T, capture_output=True, text=True,
-                             timeout=HANG_GUARD)
-        assert out.returncode == 0, out.stderr[-3000:]
-    return run
-
-
-@pytest.fixture(scope="module")
-def served_vision(vision_run, tmp_path_factory):
-    """`--adapter RUN --serve` (the run folder, as make demo-vision prints it), shared by the module."""
-    _need("openai", "fastapi", "uvicorn")
-    srv = _Server(["--adapter", str(vision_run), "--serve", "--port", str(_free_port()), "--serve_cache",
-                   str(tmp_path_factory.mktemp("serve-cache")), "--ready_timeout", str(HANG_GUARD)])
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+from tests.test_serving import HANG_GUARD, _post
 
 
 def _data_url(path) -> str:

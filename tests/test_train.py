@@ -126,14 +126,27 @@ def test_lora_learns_on_quantized_base(quant, processed_tiny, tiny_dir, tmp_path
     assert run.trainer.real_tokens / run.trainer.computed_tokens > 0.9
 
 
+def test_reshuffled_training_evaluates_on_the_stored_orders(processed_tiny, tiny_dir, tmp_path, one_thread):
+    """--shuffle_choices reshuffles training rows only: two evaluations of one model give the same eval
+    loss, the loss of the rows as stored (the yardstick that picks the best checkpoint)."""
+    from pmcvqa_sft.train.run import setup_run
+    run = setup_run(small_opts(processed_tiny, tmp_path / "s", model=str(tiny_dir), shuffle_choices=True,
+                               max_eval_samples=8), log=lambda *_: None)
+    first, second = (run.trainer.evaluate()["eval_loss"] for _ in range(2))
+    plain = setup_run(small_opts(processed_tiny, tmp_path / "p", model=str(tiny_dir), max_eval_samples=8),
+                      log=lambda *_: None).trainer.evaluate()["eval_loss"]
+    assert first == second == pytest.approx(plain, abs=1e-6), (first, second, plain)
+
+
 def test_end_to_end_outputs_and_exact_resume(processed_tiny, tiny_dir, tmp_path, one_thread):
-    """Uninterrupted run vs. SIGKILL after checkpoint 6 + `--resume_from_checkpoint auto`: same losses."""
+    """Uninterrupted run vs. SIGKILL after checkpoint 6 + `--resume_from_checkpoint auto`: same losses, with
+    the choices reshuffled per draw (the resumed epoch must give its remaining rows the same orders)."""
     from peft import AutoPeftModelForCausalLM
 
     from pmcvqa_sft.train.run import run_training
     # 4 steps per epoch, so the kill lands mid epoch 2 and the resumed part crosses into epoch 3
     common = dict(max_samples=32, max_steps=10, eval_steps=3, save_total_limit=3, quantization="8bit",
-                  lora_dropout=0.1, learning_rate=1e-3)
+                  lora_dropout=0.1, learning_rate=1e-3, shuffle_choices=True)
     card = run_training(small_opts(processed_tiny, tmp_path / "full", model=str(tiny_dir), report_to="tensorboard",
                                    **common), log=lambda *_: None)
     out = tmp_path / "full"
@@ -154,7 +167,7 @@ def test_end_to_end_outputs_and_exact_resume(processed_tiny, tiny_dir, tmp_path,
             "--output_dir", str(tmp_path / "killed"), "--quantization", "8bit", "--max_steps", "10",
             "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
             "--warmup_steps", "0", "--eval_steps", "3", "--save_total_limit", "3", "--logging_steps", "1",
-            "--max_samples", "32", "--max_eval_samples", "16", "--lora_dropout", "0.1",
+            "--max_samples", "32", "--max_eval_samples", "16", "--lora_dropout", "0.1", "--shuffle_choices",
             "--no-gradient_checkpointing", "--report_to", "none", "--no-progress"]
     killed = subprocess.run(args, env=script_env(PMCVQA_KILL_AFTER_SAVE=6), capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]

@@ -200,3 +200,20 @@ def test_flags_and_train_options_are_one_schema():
             train_sft_example.parse_args(["--dataset_dir", "d", flag, "bogus"])
         for c in choices:
             train_sft_example.parse_args(["--dataset_dir", "d", flag, c])
+
+
+def test_learning_rate_default_follows_the_stage():
+    """LoRA GRPO at SFT's 2e-4 swings the policy away: --stage grpo defaults to 1e-5 (TRL #2872), and a
+    given rate is kept for either stage; the resolved rate is what TrainOptions (the run card) holds."""
+    import train_sft_example
+    from pmcvqa_sft.train.grpo import grpo_config
+    from pmcvqa_sft.train.options import from_namespace
+    base = ["--dataset_dir", "d", "--output_dir", "o"]
+    opts = lambda *extra: from_namespace(train_sft_example.parse_args([*base, *extra]))  # noqa: E731
+    assert opts().learning_rate == 2e-4
+    assert opts("--stage", "grpo").learning_rate == 1e-5
+    assert opts("--stage", "grpo", "--learning_rate", "3e-4").learning_rate == 3e-4
+    assert opts("--learning_rate", "1e-3").learning_rate == 1e-3
+    o = opts("--stage", "grpo", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+             "--max_steps", "1", "--report_to", "none")
+    assert grpo_config(o, [1.0, 0.1], has_eval=False).learning_rate == 1e-5

@@ -139,8 +139,11 @@ def test_train_8bit_lora_tower_frozen_adapter_loads(processed_vision, tmp_path, 
     assert sum(losses[-3:]) / 3 < 0.92 * sum(losses[:3]) / 3, losses  # 12 steps: 5.9 -> 5.2 measured
     assert run.trainer.real_tokens / run.trainer.computed_tokens >= 0.95
 
-    card = run_training(opts(processed_vision, tmp_path / "run", max_steps=4, eval_steps=2), log=lambda *_: None)
+    # reshuffled choices on image rows: re-encoded with the processor, fitted counting the figure's tokens
+    card = run_training(opts(processed_vision, tmp_path / "run", max_steps=4, eval_steps=2, shuffle_choices=True),
+                        log=lambda *_: None)
     out = tmp_path / "run"
+    assert card["args"]["shuffle_choices"] and card["global_step"] == 4
     assert card["model_kind"] == "vision" and card["args"]["max_pixels"] == 512 * 28 * 28
     assert card["args"]["train_vision"] == "none" and card["real_token_share"] >= 0.95
     adapter = out / "adapter"

@@ -20,6 +20,7 @@ the adapter disabled too. Outputs `predictions.jsonl` and `metrics.json`, writte
 from __future__ import annotations
 
 from contextlib import nullcontext
+import copy
 import json
 from pathlib import Path
 import time
@@ -98,15 +99,33 @@ def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAU
     for start in tqdm(range(0, len(order), batch_size), desc="generating",
                       disable=not progress_bars_wanted(progress), leave=False):
         idx = order[start:start + batch_size]
-        inputs = None if collator is None else build_batch(
-            [(enc[i], None) for i in idx], collator.figures([{"image": rows[i]["image"]} for i in idx]),
-            collator.image_processor, collator.image_token_id, collator.pad_token_id, collator.max_pixels,
-            collator.mm_token_type_ids, left=True)
-        for i, g in zip(idx, generate_ids(model, tokenizer, [enc[i] for i in idx], settings, inputs=inputs)):
-            # the prompt's last tokens tell whether it opened the think block (DeepSeek's `<think>\n`)
-            raw = assistant_turn(tokenizer.decode(enc[i][-8:], skip_special_tokens=False), g.text)
+        turns = generate_turns(model, tokenizer, [enc[i] for i in idx], settings, collator,
+                               [rows[i].get("image") for i in idx])
+        for i, (raw, g) in zip(idx, turns):
             out[i] = generated_prediction(raw, rows[i]["choices"], g, len(enc[i]), reasoning_tokens(tokenizer, raw, g))
     return out  # type: ignore[return-value]
+
+
+def generate_turns(model, tokenizer, enc, settings: GenerationSettings, collator=None, figures=()) -> list:
+    """[(whole assistant turn, Generated)] for prompt ids generated in one left-padded batch. Image models
+    (`collator`): each prompt with its figure ref from `figures` (a figure repeated in the batch is read
+    once). Used by `--evaluate --method generate` and by local rationale sampling (K copies of a prompt)."""
+    inputs = None if collator is None else build_batch(
+        [(e, None) for e in enc], collator.figures([{"image": f} for f in figures]), collator.image_processor,
+        collator.image_token_id, collator.pad_token_id, collator.max_pixels, collator.mm_token_type_ids, left=True)
+    # the prompt's last tokens tell whether it opened the think block (DeepSeek's `<think>\n`)
+    return [(assistant_turn(tokenizer.decode(e[-8:], skip_special_tokens=False), g.text), g)
+            for e, g in zip(enc, generate_ids(model, tokenizer, enc, settings, inputs=inputs))]
+
+
+def figure_collator(loaded, report: dict, dataset_dir, images=None, max_pixels=None):
+    """An image model's collator for an image dataset's rows: figures read from the dataset's source (or
+    `images`, where they moved to), under `max_pixels` (default: the run's). One-line errors for a text
+    dataset or a bad --max_pixels."""
+    check_model_kind(report, True, dataset_dir, loaded.base)
+    check_max_pixels(max_pixels)
+    return make_collator(loaded.processor, loaded.model, figure_loader(report, images, dataset_dir),
+                         max_pixels or card_max_pixels(loaded.card))
 
 
 def load_vision_rows(dataset_dir, split="test", num_samples=None):
@@ -227,17 +246,14 @@ def run_evaluation(loaded, dataset_dir, split="test", num_samples=None, batch_si
     extra: dict = {}
     name = "tuned" if loaded.has_adapter else "model"
     if vision:
-        check_model_kind(report, True, dataset_dir, loaded.base)
-        check_max_pixels(max_pixels)
-        max_pixels = max_pixels or card_max_pixels(loaded.card)
-        load = figure_loader(report, images, dataset_dir)
-        real = make_collator(loaded.processor, loaded.model, load, max_pixels)
+        real = figure_collator(loaded, report, dataset_dir, images, max_pixels)
         runs = ([("base", loaded.model.disable_adapter, real)] if compare_base else []) + [(name, nullcontext, real)]
         if blind:
-            runs.append(("blind", nullcontext, make_collator(loaded.processor, loaded.model, load, max_pixels,
-                                                             blank=blank_like)))
+            blank = copy.copy(real)
+            blank.blank = blank_like
+            runs.append(("blind", nullcontext, blank))
         kw = dict(system_prompt=None, include_caption=False)
-        extra = {"model_kind": "vision", "max_pixels": max_pixels,
+        extra = {"model_kind": "vision", "max_pixels": real.max_pixels,
                  "blind_means": "the same model with every figure replaced by a uniform gray one of its size"}
         prompts_used = "trained (stored input_ids)"
     else:

@@ -92,11 +92,10 @@ def chat(client, model: str, messages, temperature: float, top_p: float, max_tok
 
 
 def endpoint_sampler(client, model, k, temperature, top_p, max_tokens, include_caption, load_image=None,
-                     retries=4, backoff=1.0):
+                     retries=4, backoff=1.0, system_prompt=None):
     """Up to K samples of one question, one request each, stopping when the caller stops asking."""
     def sample(row):
-        image = load_image(row["image"]) if load_image and row.get("image") else None
-        msgs = row_messages(row, include_caption, image=image)
+        msgs = row_messages(row, include_caption, system_prompt, _figure(row, load_image))
         for _ in range(k):
             yield chat(client, model, msgs, temperature, top_p, max_tokens, retries, backoff)
     return sample
@@ -118,8 +117,7 @@ def evaluate_endpoint(client, model, rows, out_dir, include_caption, max_tokens,
     t0 = time.perf_counter()
 
     def one(row):
-        image = load_image(row["image"]) if load_image and row.get("image") else None
-        msgs = row_messages(row, include_caption, system_prompt, image)
+        msgs = row_messages(row, include_caption, system_prompt, _figure(row, load_image))
         try:
             s = chat(client, model, msgs, temperature, top_p, max_tokens, retries, backoff)
         except EndpointFailure as e:
@@ -150,6 +148,11 @@ def evaluate_endpoint(client, model, rows, out_dir, include_caption, max_tokens,
     os.replace(tmp, out / "predictions.jsonl")
     write_json(out / "metrics.json", {name: m})
     return m
+
+
+def _figure(row, load_image):
+    """The row's figure (PIL) when it has one and a loader is given, else None (a text question)."""
+    return load_image(row["image"]) if load_image and row.get("image") else None
 
 
 def _row_id(row) -> str:

@@ -4,9 +4,12 @@ JSONL line per question attempted, kept or not.
 
 The file is append-only and resumable: each line is written with flush + fsync; on restart a torn last
 line (a kill -9 mid-write) is cut off and the ids already written are skipped, so nothing is lost or
-written twice. Samplers: `local_sampler` (batched `generation.generate_ids` with do_sample) and
-`endpoint.endpoint_sampler` (an OpenAI-compatible server). Preprocessing reads the kept reasoning with
-`--rationales FILE.jsonl` (format.encoding.load_rationales).
+written twice. Samplers: `local_sampler` (K samples of a question in one batch through
+`accuracy.generate_turns`, the generation of `--evaluate --method generate`: text models and image models,
+the figure with each sample) and `endpoint.endpoint_sampler` (an OpenAI-compatible server). The report
+(printed, and OUT.report.json beside the file) gives kept %, success by attempt and the mean reasoning
+tokens of the kept samples, counted with the model's tokenizer (local) or the dataset's (endpoint).
+Preprocessing reads the kept reasoning with `--rationales FILE.jsonl` (format.encoding.load_rationales).
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .. import prompts
+from ..core.atomic import write_json
 from ..core.errors import InputError
-from ..format.encoding import assistant_turn, question_id
+from ..format.encoding import question_id
 from .metrics import generated_prediction
 
 
@@ -79,20 +83,28 @@ class EndpointFailure(Exception):
         self.name = name
 
 
-def local_sampler(model, tokenizer, settings, k: int) -> Callable[[dict], Iterable[Sample]]:
-    """K samples of one question in one batch from the row's stored prompt (generation.generate_ids)."""
-    from ..infer.generation import generate_ids
+def local_sampler(model, tokenizer, settings, k: int, collator=None) -> Callable[[dict], Iterable[Sample]]:
+    """K samples of one question in one batch from the row's stored prompt, with its figure for an image
+    model (`collator`): `accuracy.generate_turns`, as `--evaluate --method generate` runs."""
+    from .accuracy import generate_turns
 
     def sample(row):
-        enc = row["prompt_ids"]
-        tail = tokenizer.decode(enc[-8:], skip_special_tokens=False)
-        for g in generate_ids(model, tokenizer, [enc] * k, settings):
-            yield Sample(assistant_turn(tail, g.text), g.token_ids, g.finished, g.text)
+        for raw, g in generate_turns(model, tokenizer, [row["prompt_ids"]] * k, settings, collator,
+                                     [row.get("image")] * k):
+            yield Sample(raw, g.token_ids, g.finished, g.text)
     return sample
 
 
-def sample_rationales(rows, sampler, out_path, k: int, teacher: str, settings: dict, progress=None) -> dict:
-    """Attempt each row not yet in `out_path`; returns the report over the whole file."""
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens of `text` alone (no BOS or other special tokens added): an empty reasoning is 0."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+def sample_rationales(rows, sampler, out_path, k: int, teacher: str, settings: dict, tokenizer=None,
+                      tokenizer_name: str | None = None, progress=None) -> dict:
+    """Attempt each row not yet in `out_path`; returns the report over the whole file, also written
+    (atomically) to OUT.report.json. `tokenizer` (named `tokenizer_name` in the report) counts the kept
+    reasoning's tokens; without one they are not counted."""
     log = JsonlLog(out_path)
     for row in rows:
         qid = question_id(row)
@@ -100,14 +112,16 @@ def sample_rationales(rows, sampler, out_path, k: int, teacher: str, settings: d
             continue
         gold, choices = row["answer_label"], row["choices"]
         rec = {"id": qid, "kept": False, "reasoning": None, "answer_line": None, "attempts": 0,
-               "completion_tokens": None, "failure": None, "teacher": teacher, "settings": settings}
+               "reasoning_tokens": None, "completion_tokens": None, "failure": None, "teacher": teacher,
+               "settings": settings}
         try:
             for s in sampler(row):
                 rec["attempts"] += 1
                 pred = generated_prediction(s.raw, choices, s, 0)
                 if pred["pred"] == gold:
-                    rec.update(kept=True, reasoning=split_reasoning(s.raw, gold, choices),
-                               answer_line=prompts.answer_line(gold, choices[gold]),
+                    why = split_reasoning(s.raw, gold, choices)
+                    rec.update(kept=True, reasoning=why, answer_line=prompts.answer_line(gold, choices[gold]),
+                               reasoning_tokens=count_tokens(tokenizer, why) if tokenizer is not None else None,
                                completion_tokens=len(s.token_ids))
                     break
                 if rec["attempts"] >= k:
@@ -117,24 +131,51 @@ def sample_rationales(rows, sampler, out_path, k: int, teacher: str, settings: d
         log.append(rec)
         if progress:
             progress(rec)
-    return rationale_report(log.done.values(), k)
+    rep = rationale_report(log.done.values(), k, tokenizer, tokenizer_name)
+    write_json(report_path(out_path), rep)
+    return rep
 
 
-def rationale_report(records, k: int) -> dict:
+def report_path(out_path) -> Path:
+    """OUT.jsonl -> OUT.report.json beside it."""
+    out = Path(out_path)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".report.json")
+
+
+def rationale_report(records, k: int, tokenizer=None, tokenizer_name: str | None = None) -> dict:
+    """kept %, success by attempt, mean reasoning tokens of the kept samples (the think block's text, or
+    the text before the answer line, counted with `tokenizer`; records written before the count existed
+    are counted now), mean completion tokens (reasoning + answer line, as generated or as the endpoint's
+    usage reported them), questions with none, named endpoint failures."""
     recs = list(records)
     kept = [r for r in recs if r["kept"]]
     by_attempt = Counter(r["attempts"] for r in kept)
+    why = [r["reasoning_tokens"] if r.get("reasoning_tokens") is not None
+           else count_tokens(tokenizer, r["reasoning"] or "") if tokenizer is not None else None for r in kept]
+    why = [n for n in why if n is not None]
+    done = [r["completion_tokens"] for r in kept if r.get("completion_tokens") is not None]
     return {"questions": len(recs), "kept": len(kept), "kept_pct": 100 * len(kept) / len(recs) if recs else 0.0,
             "success_by_attempt": {str(a): by_attempt.get(a, 0) for a in range(1, k + 1)},
-            "mean_completion_tokens": (sum(r["completion_tokens"] for r in kept) / len(kept)) if kept else None,
+            "mean_reasoning_tokens": sum(why) / len(why) if why else None,
+            "reasoning_tokens_counted_with": tokenizer_name if tokenizer is not None else None,
+            "mean_completion_tokens": sum(done) / len(done) if done else None,
             "questions_with_none": len(recs) - len(kept),
             "failures": dict(Counter(r["failure"] for r in recs if r.get("failure")))}
 
 
+def _mean(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def format_rationale_report(rep: dict) -> str:
+    counted = rep["reasoning_tokens_counted_with"]
     lines = [f"rationales: {rep['kept']}/{rep['questions']} questions kept ({rep['kept_pct']:.1f} %)",
              "success by attempt: " + ", ".join(f"#{a}: {n}" for a, n in rep["success_by_attempt"].items()),
-             f"mean completion tokens of the kept samples (reasoning + answer line): {rep['mean_completion_tokens']}",
+             f"mean reasoning tokens of the kept samples (the think block, or the text before the answer line; "
+             f"{f'counted with the tokenizer of {counted}' if counted else 'not counted: no tokenizer'}): "
+             f"{_mean(rep['mean_reasoning_tokens'])}",
+             f"mean completion tokens of the kept samples (reasoning + answer line): "
+             f"{_mean(rep['mean_completion_tokens'])}",
              f"questions with none: {rep['questions_with_none']}"]
     if rep["failures"]:
         lines.append("endpoint failures: " + ", ".join(f"{k}: {v}" for k, v in rep["failures"].items()))

@@ -3,6 +3,7 @@ endpoint) and `--evaluate --endpoint` (an OpenAI-compatible model scored like a 
 from __future__ import annotations
 
 from ..core.errors import InputError
+from ..infer.generation import check_sampling
 from .accuracy import dataset_prompt_settings, load_eval_rows
 
 DEFAULT_RATIONALE_TOKENS = 2048
@@ -36,10 +37,11 @@ def check_endpoint_args(args) -> None:
 
 def run_sample_rationales(args) -> dict:
     """Rejection sampling over one split; prints and returns the report (evaluate.rationales)."""
-    from .rationales import format_rationale_report, local_sampler, sample_rationales
+    from .rationales import format_rationale_report, local_sampler, report_path, sample_rationales
     if not args.dataset_dir:
         raise InputError("--sample_rationales needs --dataset_dir (a preprocess_pmc_vqa_for_sft.py output folder)")
     check_endpoint_args(args)
+    check_sampling(args.temperature, args.top_p)
     temperature = 0.6 if args.temperature is None else args.temperature
     top_p = 0.95 if args.top_p is None else args.top_p
     budget = args.max_new_tokens or DEFAULT_RATIONALE_TOKENS
@@ -48,30 +50,52 @@ def run_sample_rationales(args) -> dict:
     if args.endpoint:
         from .endpoint import endpoint_sampler, make_client
         rows, report, load = _endpoint_rows(args)
-        _, include_caption = dataset_prompt_settings(report)
+        sp, include_caption = dataset_prompt_settings(report)
+        tokenizer, tokenizer_name = dataset_tokenizer(report, args.dataset_dir)
         sampler = endpoint_sampler(make_client(args.endpoint), args.endpoint_model, args.samples, temperature,
-                                   top_p, budget, include_caption, load, args.endpoint_retries)
+                                   top_p, budget, include_caption, load, args.endpoint_retries, system_prompt=sp)
         teacher = f"endpoint:{args.endpoint_model}"
     else:
+        from ..data.store import check_model_kind
         from ..infer.generation import GenerationSettings
         from ..models.adapters import load_for_inference
-        from .accuracy import use_trained_prompts
-        rows, report = _rows(args, False)
+        from .accuracy import figure_collator, use_trained_prompts
         loaded = load_for_inference(args.model, args.adapter, args.quantization)
-        if loaded.processor is not None:
-            raise InputError("local rationale sampling is for text models; serve an image adapter "
-                             "(--serve) and sample with --endpoint")
-        sp, cap = dataset_prompt_settings(report, loaded.system_prompt)
-        use_trained_prompts(rows, report, loaded.tokenizer, sp, cap, log=lambda *_: None)
+        vision = loaded.processor is not None
+        rows, report = _rows(args, vision)
+        check_model_kind(report, vision, args.dataset_dir, loaded.base)
+        collator = figure_collator(loaded, report, args.dataset_dir, args.images, args.max_pixels) if vision else None
+        if not vision:  # image rows are evaluated with their stored prompts, as --evaluate does
+            sp, cap = dataset_prompt_settings(report, loaded.system_prompt)
+            use_trained_prompts(rows, report, loaded.tokenizer, sp, cap, log=lambda *_: None)
         if rows[0].get("prompt_ids") is None:
             raise InputError(f"dataset '{args.dataset_dir}' was made with another tokenizer or chat template "
                              "than this model; preprocess it with this model's tokenizer")
-        gs = GenerationSettings(do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=budget)
-        sampler = local_sampler(loaded.model, loaded.tokenizer, gs, args.samples)
+        gs = GenerationSettings(do_sample=temperature > 0, temperature=temperature, top_p=top_p,
+                                max_new_tokens=budget)  # --temperature 0: greedy
+        sampler = local_sampler(loaded.model, loaded.tokenizer, gs, args.samples, collator)
         teacher = f"local:{args.adapter or args.model}"
-    rep = sample_rationales(rows, sampler, args.sample_rationales, args.samples, teacher, settings)
+        tokenizer, tokenizer_name = loaded.tokenizer, f"the model ({args.adapter or args.model})"
+    rep = sample_rationales(rows, sampler, args.sample_rationales, args.samples, teacher, settings, tokenizer,
+                            tokenizer_name)
     print(format_rationale_report(rep))
+    print(f"wrote {args.sample_rationales} and {report_path(args.sample_rationales)}")
     return rep
+
+
+def dataset_tokenizer(report: dict, dataset_dir):
+    """(tokenizer, its name for the report) the dataset was preprocessed with: it counts an endpoint's
+    reasoning tokens. (None, None) with a note when it cannot be loaded (then they are not counted)."""
+    from ..models.loading import load_tokenizer
+    name = report.get("tokenizer")
+    for candidate in dict.fromkeys(x for x in (name, report.get("tokenizer_path")) if x):
+        try:
+            return load_tokenizer(candidate), f"the dataset ({candidate})"
+        except InputError:
+            continue
+    print(f"note: the tokenizer of dataset '{dataset_dir}' ({name or 'not recorded'}) could not be loaded: "
+          "reasoning tokens are not counted")
+    return None, None
 
 
 def run_endpoint_evaluation(args) -> dict:

@@ -204,7 +204,8 @@ def run_grpo(o: TrainOptions, log=print) -> dict:
     set_seed(o.seed)
     model, params = build_model(o, tokenizer, log=log)
     args = grpo_config(o, [w for _, w in pairs], has_eval=val_ds is not None)
-    callbacks = [_callbacks()(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+    kill_after_save, _ = _callbacks()
+    callbacks = [kill_after_save(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
     trainer = _trainer_class()(model=model, reward_funcs=[R.REWARDS[n] for n, _ in pairs], args=args,
                                train_dataset=train_ds, eval_dataset=val_ds, processing_class=processor or tokenizer,
                                callbacks=callbacks)

@@ -15,6 +15,8 @@ from ..models.loading import QUANTIZATIONS
 
 REPORT_TO = ("tensorboard", "none")
 STAGES = ("sft", "grpo")
+# LoRA SFT learns at 2e-4; GRPO at that rate swings the policy away in a few steps (docs/REASONING.md)
+DEFAULT_LR = {"sft": 2e-4, "grpo": 1e-5}
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 GROUP_DESCRIPTIONS: dict[str, str] = {  # an argparse group's one-line description, when it needs one
     "image models": "used when --model is an image-text-to-text model",
@@ -66,7 +68,9 @@ class TrainOptions:
                                                   "rows per eval batch per device (default: the train batch size)")
     gradient_accumulation_steps: int = _opt(8, "optimisation", "micro-batches per optimizer step (effective "
                                                                "batch = this x batch x devices)")
-    learning_rate: float = _opt(2e-4, "optimisation", "peak learning rate (cosine schedule)")
+    learning_rate: float | None = _opt(None, "optimisation", "peak learning rate (cosine schedule; default: "
+                                       f"{DEFAULT_LR['sft']:g} for --stage sft, {DEFAULT_LR['grpo']:g} for --stage "
+                                       "grpo, about 10x full fine-tuning's 1e-6 for LoRA, TRL #2872)")
     warmup_ratio: float = _opt(0.03, "optimisation", "share of the steps spent warming up")
     warmup_steps: int | None = _opt(None, "optimisation", "warm-up steps (overrides --warmup_ratio)")
     weight_decay: float = _opt(0.0, "optimisation", "AdamW weight decay")
@@ -114,6 +118,10 @@ class TrainOptions:
     # ---- machine ----
     threads: int | None = _opt(None, "machine", "torch CPU threads (default: 1 for the tiny model or on a CPU "
                                                 "machine with <= 4 cores, else torch's; env PMCVQA_THREADS)")
+
+    def __post_init__(self):
+        if self.learning_rate is None:  # the stage's default, so the run card records the rate used
+            self.learning_rate = DEFAULT_LR.get(self.stage, DEFAULT_LR["sft"])
 
 
 _TYPES = {"str": str, "int": int, "float": float, "str | None": str, "int | None": int, "float | None": float}

@@ -38,7 +38,7 @@ from ..data.figures import figure_loader
 from ..data.shuffle import SHUFFLE_COLUMNS, ShuffledChoices, row_encoder_for
 from ..data.store import ADAPTER_DIR, RUN_CARD, check_model_kind, load_processed
 from ..format.encoding import template_hash, tokenizer_hash
-from ..format.media import check_max_pixels
+from ..format.media import check_max_pixels, num_image_tokens
 from ..models.kind import is_vision_model
 from ..models.loading import (check_bitsandbytes, check_quantization, compute_dtype, device_map_for_process, load_model,
                               load_processor, load_tokenizer, resolve_name, sharded_training)
@@ -257,6 +257,16 @@ def _trainer_class():
                     self.seen_rows.extend(rows.tolist())
             return target_logits_only(super()._prepare_inputs(inputs))
 
+        def get_eval_dataloader(self, eval_dataset=None):
+            # validation rows keep their stored choice order (`ShuffledChoices.eval_collator`): the eval
+            # loss that picks the best checkpoint must measure every checkpoint on the same sequences
+            train_collator = self.data_collator
+            self.data_collator = getattr(train_collator, "eval_collator", train_collator)
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = train_collator
+
     return SFTLoRATrainer
 
 
@@ -273,7 +283,16 @@ def _callbacks():
             if state.global_step == self.step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    return KillAfterSave
+    class EpochToCollator(TrainerCallback):
+        """Tells a `ShuffledChoices` collator the epoch, so a resumed run draws the same choice orders."""
+
+        def __init__(self, collator):
+            self.collator = collator
+
+        def on_epoch_begin(self, args, state, control, **kw):
+            self.collator.set_epoch(int(state.epoch + 1e-6))  # a resumed state holds e.g. 1.5: epoch 1
+
+    return KillAfterSave, EpochToCollator
 
 
 def training_arguments(o: TrainOptions, has_eval: bool):
@@ -411,10 +430,15 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     seen_dir = os.environ.get(SEEN_ENV)
     collator = make_collator(processor or tokenizer, model, figure_loader(report, o.images, o.dataset_dir)
                              if vision else None, o.max_pixels, with_row_ids=bool(seen_dir))
+    kill_after_save, epoch_to_collator = _callbacks()
+    callbacks = [kill_after_save(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
     if o.shuffle_choices:
+        figure_tokens = (lambda row: num_image_tokens(row["image_width"], row["image_height"],
+                                                      processor.image_processor, o.max_pixels) - 1) if vision else None
         collator = ShuffledChoices(collator, row_encoder_for(report, tokenizer, processor),
-                                   report.get("args", {}).get("max_length", 1024), seed=o.seed)
-    callbacks = [_callbacks()(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+                                   report.get("args", {}).get("max_length", 1024), seed=o.seed,
+                                   extra_tokens=figure_tokens)
+        callbacks.append(epoch_to_collator(collator))
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, processing_class=processor or tokenizer, callbacks=callbacks)
     trainer.seen_rows = [] if seen_dir else None
