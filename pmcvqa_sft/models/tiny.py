@@ -14,11 +14,13 @@ Why it is pretrained: LoRA cannot teach a randomly initialised model anything (i
 parameters on the sample's facts written as plain sentences, never in question/answer form. What the
 LoRA fine-tune then learns - answering the questions - is visible in the demo's before/after table.
 
-The embedded image model (`tiny-vision`) is built below it in this file (see `build_tiny_vision`).
+`tiny-reasoning` (make demo-reasoning; `build_tiny_reasoning`) is the same model with merged letter+word
+tokens and binding drills in its pretraining; the embedded image model (`tiny-vision`) is built below it
+in this file (see `build_tiny_vision`).
 
-Build: `python -m pmcvqa_sft.models.tiny [--vision] [--out DIR] [--overwrite]` (about 30 s on 2 cores for
-the text model, a few seconds for the image one). Scripts accept `--model tiny` / `--tokenizer tiny` and
-`tiny-vision`, which build them on first use.
+Build: `python -m pmcvqa_sft.models.tiny [--vision | --reasoning] [--out DIR] [--overwrite]` (about 30 s on
+2 cores for the text model, about 4 min for tiny-reasoning, a few seconds for the image one). Scripts accept
+`--model tiny` / `--tokenizer tiny`, `tiny-reasoning` and `tiny-vision`, which build them on first use.
 """
 from __future__ import annotations
 
