@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 help:
 	@echo "make demo   - offline end-to-end run on the embedded tiny model (about 2 min on 2 cores)"
 	@echo "make demo-vision - the same for an image model: tiny Qwen2.5-VL on bundled figures (a few min)"
-	@echo "make demo-reasoning - base -> SFT -> +GRPO on the tiny model, one table (docs/REASONING.md)"
+	@echo "make demo-reasoning - base -> SFT -> +GRPO on tiny-reasoning, one table (docs/REASONING.md)"
 	@echo "make demo-pacs - the PACS loop on the tiny image model: Orthanc, ask, SR write-back, read back"
 	@echo "make test   - run the test suite"
 	@echo "make bench  - run the benchmarks (bench/results/*.json, docs/BENCHMARKS.md)"
@@ -101,7 +101,8 @@ demo-vision: setup
 	echo "demo-vision finished in $$(( $$(date +%s) - start )) s; run card, loss curve, predictions and metrics in:"; \
 	echo "$$run"
 
-# base -> SFT -> +GRPO on the embedded tiny model (docs/REASONING.md): SFT with reshuffled choices and a
+# base -> SFT -> +GRPO on tiny-reasoning (docs/REASONING.md): the tiny model with one token per choice letter +
+# answer word and binding drills in its pretraining (built once, ~4 min). SFT with reshuffled choices and a
 # trained lm_head (the tiny model's frozen head samples no parseable answer at temperature 1), then TRL's
 # GRPOTrainer on the exact-answer rewards; each stage evaluated by inference_example.py --method generate.
 RDEMO_SFT_STEPS  ?= 600
@@ -110,12 +111,12 @@ RDEMO_GRPO_LR    ?= 2e-4
 RRUN_DIR         ?= runs/demo-reasoning-$(shell date +%Y%m%d-%H%M%S)
 demo-reasoning: setup
 	@set -e; run="$(RRUN_DIR)"; start=$$(date +%s); export OMP_NUM_THREADS=1; \
-	echo "==> [1/5] embedded tiny model (built once, cached in artifacts/)"; \
-	$(PYTHON) -m pmcvqa_sft.models.tiny; \
+	echo "==> [1/5] embedded tiny-reasoning model (first run only: 1500 pretraining steps, then cached in artifacts/)"; \
+	$(PYTHON) -m pmcvqa_sft.models.tiny --reasoning; \
 	echo "==> [2/5] preprocessing the bundled sample -> $$run/data"; \
-	$(PYTHON) preprocess_pmc_vqa_for_sft.py --data data/sample --tokenizer tiny --output_dir $$run/data; \
+	$(PYTHON) preprocess_pmc_vqa_for_sft.py --data data/sample --tokenizer tiny-reasoning --output_dir $$run/data; \
 	echo "==> [3/5] LoRA SFT, choices reshuffled per draw, lm_head trained -> $$run/sft"; \
-	$(PYTHON) train_sft_example.py --model tiny --dataset_dir $$run/data --output_dir $$run/sft \
+	$(PYTHON) train_sft_example.py --model tiny-reasoning --dataset_dir $$run/data --output_dir $$run/sft \
 	  --quantization none --shuffle_choices --train_head --max_steps $(RDEMO_SFT_STEPS) --learning_rate 1e-3 \
 	  --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --no-gradient_checkpointing \
 	  --eval_steps 100 --logging_steps 50; \
@@ -126,7 +127,7 @@ demo-reasoning: setup
 	  --num_generations 8 --max_completion_length 32 --no-gradient_checkpointing --eval_steps 40 \
 	  --logging_steps 10; \
 	echo "==> [5/5] evaluating base, SFT and GRPO on the held-out questions (greedy generation)"; \
-	$(PYTHON) inference_example.py --model tiny --quantization none --evaluate --method generate \
+	$(PYTHON) inference_example.py --model tiny-reasoning --quantization none --evaluate --method generate \
 	  --dataset_dir $$run/data --split test --output_dir $$run/eval-base; \
 	for s in sft grpo; do $(PYTHON) inference_example.py --adapter $$run/$$s --quantization none --evaluate \
 	  --method generate --dataset_dir $$run/data --split test --output_dir $$run/eval-$$s; done; \

@@ -31,7 +31,7 @@ quiet_library_warnings()
 
 
 def resolve_name(name: str) -> str:
-    """`tiny` / `tiny-vision` -> the built folder (built on first use); anything else unchanged."""
+    """`tiny` / `tiny-vision` / `tiny-reasoning` -> the built folder (built on first use); anything else unchanged."""
     return tiny.resolve(name)
 
 

@@ -14,11 +14,13 @@ Why it is pretrained: LoRA cannot teach a randomly initialised model anything (i
 parameters on the sample's facts written as plain sentences, never in question/answer form. What the
 LoRA fine-tune then learns - answering the questions - is visible in the demo's before/after table.
 
-The embedded image model (`tiny-vision`) is built below it in this file (see `build_tiny_vision`).
+`tiny-reasoning` (make demo-reasoning; `build_tiny_reasoning`) is the same model with merged letter+word
+tokens and binding drills in its pretraining; the embedded image model (`tiny-vision`) is built below it
+in this file (see `build_tiny_vision`).
 
-Build: `python -m pmcvqa_sft.models.tiny [--vision] [--out DIR] [--overwrite]` (about 30 s on 2 cores for
-the text model, a few seconds for the image one). Scripts accept `--model tiny` / `--tokenizer tiny` and
-`tiny-vision`, which build them on first use.
+Build: `python -m pmcvqa_sft.models.tiny [--vision | --reasoning] [--out DIR] [--overwrite]` (about 30 s on
+2 cores for the text model, about 4 min for tiny-reasoning, a few seconds for the image one). Scripts accept
+`--model tiny` / `--tokenizer tiny`, `tiny-reasoning` and `tiny-vision`, which build them on first use.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import random
 
 from .. import prompts
 from ..core.atomic import atomic_dir
-from ..core.paths import TINY_ALIAS, TINY_DIR, TINY_VISION_ALIAS, TINY_VISION_DIR
+from ..core.paths import (TINY_ALIAS, TINY_DIR, TINY_REASONING_ALIAS, TINY_REASONING_DIR, TINY_VISION_ALIAS,
+                          TINY_VISION_DIR)
 from ..core.threads import configure_threads
 from ..data import samples
 from .processor import make_processor
@@ -102,15 +105,17 @@ def build_tokenizer(texts):
     return fast
 
 
-def _pretrain(model, tokenizer, sentences, log=print):
-    """Full-parameter causal-LM training on plain fact sentences (BOS + sentence + EOS)."""
+def _pretrain(model, tokenizer, sentences, log=print, cfg=PRETRAIN, drills=()):
+    """Full-parameter causal-LM training on plain fact sentences (BOS + sentence + EOS). With `drills`
+    ((ids, labels) pairs), each batch row is a drill row with probability cfg["drill_share"] (tiny-reasoning)."""
     import torch
     from tqdm.auto import tqdm
 
-    cfg = PRETRAIN
     rows = [[tokenizer.bos_token_id] + tokenizer(s, add_special_tokens=False)["input_ids"]
             + [tokenizer.eos_token_id] for s in sentences]
     rng = random.Random(cfg["seed"])
+    if drills:
+        drills = drills(rng) if callable(drills) else drills
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) *
                                               0.5 * (1 + math.cos(math.pi * s / cfg["steps"])))
@@ -118,14 +123,18 @@ def _pretrain(model, tokenizer, sentences, log=print):
     order: list[int] = []
     bar = tqdm(range(cfg["steps"]), desc="pretraining tiny base", leave=False, disable=None)  # None: off in logs
     for step in bar:
-        if len(order) < cfg["batch_size"]:
-            order += rng.sample(range(len(rows)), len(rows))
-        batch, order = [rows[i] for i in order[:cfg["batch_size"]]], order[cfg["batch_size"]:]
-        width = max(map(len, batch))
-        ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in batch])
+        if drills:
+            batch = [rng.choice(drills) if rng.random() < cfg["drill_share"] else (lambda r: (r, r))(rng.choice(rows))
+                     for _ in range(cfg["batch_size"])]
+        else:
+            if len(order) < cfg["batch_size"]:
+                order += rng.sample(range(len(rows)), len(rows))
+            batch, order = [(rows[i], rows[i]) for i in order[:cfg["batch_size"]]], order[cfg["batch_size"]:]
+        width = max(len(r) for r, _ in batch)
+        ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r, _ in batch])
         # padding masked by position, so the real EOS stays trained (pad = EOS)
-        labels = torch.tensor([r + [-100] * (width - len(r)) for r in batch])
-        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in batch])
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -138,27 +147,40 @@ def _pretrain(model, tokenizer, sentences, log=print):
 
 def build_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, overwrite: bool = False, log=print) -> Path:
     """Build the tokenizer and the pretrained tiny model into `out_dir` (atomic: temp folder + rename)."""
+    return _build_llama(out_dir, overwrite, log, lambda: build_tokenizer(_tokenizer_texts()), PRETRAIN,
+                        "tiny_build.json", _recipe_key)
+
+
+def _build_llama(out_dir, overwrite, log, make_tokenizer, cfg, stamp_name, recipe_key, drills=None) -> Path:
+    """Tokenizer from `make_tokenizer()`, a LlamaForCausalLM (MODEL_KW) pretrained by `_pretrain` with `cfg`
+    (and `drills(tokenizer)` -> drill rows, if given), saved atomically with its `stamp_name` record."""
+    import time
+
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True)")
+    start = time.time()
     configure_threads(TINY_ALIAS)  # one thread unless told otherwise: 10x faster on a busy 2-core machine
-    torch.manual_seed(PRETRAIN["seed"])
-    tokenizer = build_tokenizer(_tokenizer_texts())
+    torch.manual_seed(cfg["seed"])
+    tokenizer = make_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **MODEL_KW)
     model = LlamaForCausalLM(config)
-    final_loss = _pretrain(model, tokenizer, samples.pretraining_sentences(), log=log)
+    final_loss = _pretrain(model, tokenizer, samples.pretraining_sentences(), log=log, cfg=cfg,
+                           drills=drills(tokenizer) if drills else ())
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id, do_sample=True,
                                                temperature=0.6, top_p=0.95)
+    record = {"recipe": recipe_key(), "pretrain_final_loss": final_loss, **cfg}
+    if drills:
+        record["build_seconds"] = round(time.time() - start, 1)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "tiny_build.json").write_text(json.dumps(
-            {"recipe": _recipe_key(), "pretrain_final_loss": final_loss, **PRETRAIN}, indent=2))
+        (tmp / stamp_name).write_text(json.dumps(record, indent=2))
     return out
 
 
@@ -186,6 +208,83 @@ def ensure_tiny(out_dir: str | os.PathLike = DEFAULT_DIR, log=print) -> Path:
     """The tiny model folder, built on first use and rebuilt when the recipe or sample changed."""
     return ensure_built(out_dir, "tiny_build.json", _recipe_key, build_tiny, log,
                         "building the embedded tiny model in {out} (about 30 s, once)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# `tiny-reasoning` (make demo-reasoning): the same Llama, tokenizer plus one added token per (choice letter,
+# first word of a sample answer) - `C. Aorta` is one id in the choice line and in `Answer: C. Aorta` - and
+# pretrained longer on half fact sentences, half chat-format binding drills (`Which choice is <text>?`
+# over 4 shuffled answers -> `Answer: X. <text>`). With it the letter is learnable: picking the merged
+# token present in the prompt. The default `tiny` does not have it (its letter stays near chance).
+# A tiny-model/sample trick only: the merged tokens exist for the sample's answers alone.
+# ---------------------------------------------------------------------------------------------------
+
+REASONING_PRETRAIN = dict(PRETRAIN, steps=1500, drill_share=0.5, drill_rows=6000)
+
+
+def answer_texts() -> list[str]:
+    """The sample's answer texts (every choice of data/sample is one of them)."""
+    return sorted({a for _c, a, _p in samples.FACTS})
+
+
+def merged_tokens() -> list[str]:
+    """`A. Aorta` ... `D. <word>`: each choice letter with the first word of each answer text."""
+    words = sorted({t.split()[0] for t in answer_texts()})
+    return [f"{L}. {w}" for w in words for L in prompts.LETTERS]
+
+
+def build_reasoning_tokenizer():
+    """`build_tokenizer` plus the merged letter+word tokens (single_word: `C. Aort` never matches in `C. Aortic`)."""
+    from tokenizers import AddedToken
+
+    tok = build_tokenizer(_tokenizer_texts())
+    tok.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in merged_tokens()])
+    return tok
+
+
+def drill_rows(n: int, rng: random.Random) -> list[dict]:
+    """Binding drill rows: `Which choice is <text>?` over 4 random answer texts, the gold at a random letter."""
+    texts, rows = answer_texts(), []
+    for _ in range(n):
+        ch = rng.sample(texts, 4)
+        g = rng.randrange(4)
+        rows.append({"question": f"Which choice is {ch[g]}?", "choices": dict(zip(prompts.LETTERS, ch)),
+                     "label": prompts.LETTERS[g]})
+    return rows
+
+
+def _drills(tokenizer):
+    """rng -> drill (ids, labels) pairs in the training format (chat template, empty think, loss on the answer)."""
+    from ..format.encoding import PromptEncoder
+
+    def make(rng):
+        enc = PromptEncoder(tokenizer, prompts.SYSTEM_PROMPT)
+        rows = drill_rows(REASONING_PRETRAIN["drill_rows"], rng)
+        P = enc.prompt_ids([prompts.format_user_prompt(r["question"], r["choices"]) for r in rows])
+        T = enc.target_ids([prompts.assistant_content(r["label"], r["choices"][r["label"]], "") for r in rows])
+        return [(p + t, [-100] * len(p) + t) for p, t in zip(P, T)]
+    return make
+
+
+def _reasoning_recipe_key() -> str:
+    blob = json.dumps([BUILD_VERSION, "reasoning", MODEL_KW, REASONING_PRETRAIN, CHAT_TEMPLATE, _tokenizer_texts(),
+                       samples.pretraining_sentences(), merged_tokens(), prompts.SYSTEM_PROMPT,
+                       prompts.format_user_prompt("Which?", {"A": "a", "B": "b", "C": "c", "D": "d"}),
+                       prompts.assistant_content("B", "b", "")], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_tiny_reasoning(out_dir: str | os.PathLike = TINY_REASONING_DIR, overwrite: bool = False,
+                         log=print) -> Path:
+    """Build `tiny-reasoning` into `out_dir` (atomic); about 3-4 min on one core (1500 steps)."""
+    return _build_llama(out_dir, overwrite, log, build_reasoning_tokenizer, REASONING_PRETRAIN,
+                        "tiny_reasoning_build.json", _reasoning_recipe_key, drills=_drills)
+
+
+def ensure_tiny_reasoning(out_dir: str | os.PathLike = TINY_REASONING_DIR, log=print) -> Path:
+    """The tiny-reasoning folder, built on first use and rebuilt when the recipe or sample changed."""
+    return ensure_built(out_dir, "tiny_reasoning_build.json", _reasoning_recipe_key, build_tiny_reasoning, log,
+                        "building the tiny-reasoning model in {out} (about 3-4 min, once)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,26 +423,35 @@ def ensure_tiny_vision(out_dir: str | os.PathLike = TINY_VISION_DIR, log=print) 
 
 
 def resolve(name_or_path: str) -> str:
-    """`tiny` / `tiny-vision` -> the built folder; anything else unchanged (hub id or local folder)."""
+    """`tiny` / `tiny-vision` / `tiny-reasoning` -> the built folder; anything else unchanged (hub id or local folder)."""
     if name_or_path == TINY_ALIAS:
         return str(ensure_tiny())
     if name_or_path == TINY_VISION_ALIAS:
         return str(ensure_tiny_vision())
+    if name_or_path == TINY_REASONING_ALIAS:
+        return str(ensure_tiny_reasoning())
     return name_or_path
 
 
 def main(argv=None) -> int:
-    """`python -m pmcvqa_sft.models.tiny [--vision] [--out DIR] [--overwrite]`: build (or reuse), print the folder."""
+    """`python -m pmcvqa_sft.models.tiny [--vision | --reasoning] [--out DIR] [--overwrite]`: build (or reuse),
+    print the folder."""
     p = argparse.ArgumentParser(prog="python -m pmcvqa_sft.models.tiny",
                                 description="Build the embedded tiny model and tokenizer (--vision: the tiny "
-                                            "Qwen2.5-VL model, tokenizer and image processor).")
-    p.add_argument("--vision", action="store_true", help="build the tiny image model (tiny-vision)")
-    p.add_argument("--out", default=None, help=f"output folder (default: {TINY_DIR} or, with --vision, "
-                                               f"{TINY_VISION_DIR})")
+                                            "Qwen2.5-VL model, tokenizer and image processor; --reasoning: "
+                                            "tiny-reasoning, the letter-binding variant for make demo-reasoning).")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--vision", action="store_true", help="build the tiny image model (tiny-vision)")
+    kind.add_argument("--reasoning", action="store_true", help="build tiny-reasoning (merged letter+word "
+                                                               "tokens, binding drills; a few minutes)")
+    p.add_argument("--out", default=None, help=f"output folder (default: {TINY_DIR}; {TINY_VISION_DIR} with "
+                                               f"--vision; {TINY_REASONING_DIR} with --reasoning)")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if the folder exists")
     args = p.parse_args(argv)
-    ensure, build = (ensure_tiny_vision, build_tiny_vision) if args.vision else (ensure_tiny, build_tiny)
-    out = args.out or str(TINY_VISION_DIR if args.vision else TINY_DIR)
+    ensure, build, default = ((ensure_tiny_vision, build_tiny_vision, TINY_VISION_DIR) if args.vision else
+                              (ensure_tiny_reasoning, build_tiny_reasoning, TINY_REASONING_DIR) if args.reasoning
+                              else (ensure_tiny, build_tiny, TINY_DIR))
+    out = args.out or str(default)
     print(ensure(out) if Path(out).exists() and not args.overwrite else build(out, overwrite=args.overwrite))
     return 0
 
