@@ -105,17 +105,19 @@ def build_tokenizer(texts):
     return fast
 
 
-def _pretrain(model, tokenizer, sentences, log=print, cfg=PRETRAIN, drills=()):
-    """Full-parameter causal-LM training on plain fact sentences (BOS + sentence + EOS). With `drills`
-    ((ids, labels) pairs), each batch row is a drill row with probability cfg["drill_share"] (tiny-reasoning)."""
+def _pretrain(model, tokenizer, sentences, log=print, cfg=PRETRAIN, make_drills=None):
+    """Full-parameter causal-LM training on plain fact sentences (BOS + sentence + EOS). With `make_drills`
+    (rng -> (ids, labels) pairs), each batch row is a drill row with probability cfg["drill_share"]
+    (tiny-reasoning)."""
     import torch
     from tqdm.auto import tqdm
 
-    rows = [[tokenizer.bos_token_id] + tokenizer(s, add_special_tokens=False)["input_ids"]
-            + [tokenizer.eos_token_id] for s in sentences]
+    rows = []  # (ids, labels): a sentence is trained whole
+    for s in sentences:
+        ids = [tokenizer.bos_token_id] + tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((ids, ids))
     rng = random.Random(cfg["seed"])
-    if drills:
-        drills = drills(rng) if callable(drills) else drills
+    drills = make_drills(rng) if make_drills is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]) *
                                               0.5 * (1 + math.cos(math.pi * s / cfg["steps"])))
@@ -124,12 +126,12 @@ def _pretrain(model, tokenizer, sentences, log=print, cfg=PRETRAIN, drills=()):
     bar = tqdm(range(cfg["steps"]), desc="pretraining tiny base", leave=False, disable=None)  # None: off in logs
     for step in bar:
         if drills:
-            batch = [rng.choice(drills) if rng.random() < cfg["drill_share"] else (lambda r: (r, r))(rng.choice(rows))
+            batch = [rng.choice(drills) if rng.random() < cfg["drill_share"] else rng.choice(rows)
                      for _ in range(cfg["batch_size"])]
         else:
             if len(order) < cfg["batch_size"]:
                 order += rng.sample(range(len(rows)), len(rows))
-            batch, order = [(rows[i], rows[i]) for i in order[:cfg["batch_size"]]], order[cfg["batch_size"]:]
+            batch, order = [rows[i] for i in order[:cfg["batch_size"]]], order[cfg["batch_size"]:]
         width = max(len(r) for r, _ in batch)
         ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r, _ in batch])
         # padding masked by position, so the real EOS stays trained (pad = EOS)
@@ -170,7 +172,7 @@ def _build_llama(out_dir, overwrite, log, make_tokenizer, cfg, stamp_name, recip
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **MODEL_KW)
     model = LlamaForCausalLM(config)
     final_loss = _pretrain(model, tokenizer, samples.pretraining_sentences(), log=log, cfg=cfg,
-                           drills=drills(tokenizer) if drills else ())
+                           make_drills=drills(tokenizer) if drills else None)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id, do_sample=True,
                                                temperature=0.6, top_p=0.95)

@@ -38,7 +38,7 @@ from ..data.figures import figure_loader
 from ..data.shuffle import SHUFFLE_COLUMNS, ShuffledChoices, row_encoder_for
 from ..data.store import ADAPTER_DIR, RUN_CARD, check_model_kind, load_processed
 from ..format.encoding import template_hash, tokenizer_hash
-from ..format.media import check_max_pixels, num_image_tokens
+from ..format.media import check_max_pixels
 from ..models.kind import is_vision_model
 from ..models.loading import (check_bitsandbytes, check_quantization, compute_dtype, device_map_for_process, load_model,
                               load_processor, load_tokenizer, resolve_name, sharded_training)
@@ -433,11 +433,11 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     kill_after_save, epoch_to_collator = _callbacks()
     callbacks = [kill_after_save(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
     if o.shuffle_choices:
-        figure_tokens = (lambda row: num_image_tokens(row["image_width"], row["image_height"],
-                                                      processor.image_processor, o.max_pixels) - 1) if vision else None
+        # a row's tokens beyond its ids (a figure's expansion under --max_pixels; 0 for text), as the
+        # length column prepare_datasets computed them
         collator = ShuffledChoices(collator, row_encoder_for(report, tokenizer, processor),
                                    report.get("args", {}).get("max_length", 1024), seed=o.seed,
-                                   extra_tokens=figure_tokens)
+                                   extra_tokens=lambda row: row[LENGTH_COLUMN] - len(row["input_ids"]))
         callbacks.append(epoch_to_collator(collator))
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, processing_class=processor or tokenizer, callbacks=callbacks)
