@@ -102,12 +102,12 @@ demo-vision: setup
 	echo "$$run"
 
 # base -> SFT -> +GRPO on tiny-reasoning (docs/REASONING.md): the tiny model with one token per choice letter +
-# answer word and binding drills in its pretraining (built once, ~4 min). SFT with reshuffled choices and a
+# answer word and binding drills in its pretraining (built once, ~2.5 min). SFT with reshuffled choices and a
 # trained lm_head (the tiny model's frozen head samples no parseable answer at temperature 1), then TRL's
 # GRPOTrainer on the exact-answer rewards; each stage evaluated by inference_example.py --method generate.
 RDEMO_SFT_STEPS  ?= 600
-RDEMO_GRPO_STEPS ?= 120
-RDEMO_GRPO_LR    ?= 2e-4
+RDEMO_GRPO_STEPS ?= 40
+RDEMO_GRPO_LR    ?= 5e-5
 RRUN_DIR         ?= runs/demo-reasoning-$(shell date +%Y%m%d-%H%M%S)
 demo-reasoning: setup
 	@set -e; run="$(RRUN_DIR)"; start=$$(date +%s); export OMP_NUM_THREADS=1; \
@@ -124,7 +124,7 @@ demo-reasoning: setup
 	$(PYTHON) train_sft_example.py --stage grpo --init_adapter $$run/sft --dataset_dir $$run/data \
 	  --output_dir $$run/grpo --quantization none --shuffle_choices --max_steps $(RDEMO_GRPO_STEPS) \
 	  --learning_rate $(RDEMO_GRPO_LR) --per_device_train_batch_size 32 --gradient_accumulation_steps 1 \
-	  --num_generations 8 --max_completion_length 32 --no-gradient_checkpointing --eval_steps 40 \
+	  --num_generations 8 --max_completion_length 32 --no-gradient_checkpointing --eval_steps 20 \
 	  --logging_steps 10; \
 	echo "==> [5/5] evaluating base, SFT and GRPO on the held-out questions (greedy generation)"; \
 	$(PYTHON) inference_example.py --model tiny-reasoning --quantization none --evaluate --method generate \

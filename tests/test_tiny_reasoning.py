@@ -81,3 +81,34 @@ def test_alias_resolves_like_tiny(monkeypatch, tmp_path):
     monkeypatch.setattr(tiny, "build_tiny_reasoning", lambda out, overwrite=False: built.append(out) or out)
     tiny.main(["--reasoning", "--out", str(tmp_path / "new")])
     assert built == [str(tmp_path / "new")]
+
+
+def test_split_pretraining_loss_equals_the_whole_batch_loss(rtok):
+    """The build's cheaper loss (sentences and drills as two batches, head only where trained) is the same
+    objective as one padded batch through `model(labels=...)`: same value and same gradients."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(rtok), bos_token_id=rtok.bos_token_id,
+                                         eos_token_id=rtok.eos_token_id, pad_token_id=rtok.eos_token_id,
+                                         **tiny.MODEL_KW))
+    rng = random.Random(0)
+    drills = tiny._drills(rtok)(rng)[:6]
+    sentences = [[rtok.bos_token_id] + rtok(s, add_special_tokens=False)["input_ids"] + [rtok.eos_token_id]
+                 for s in ["The aorta carries blood.", "Prussian blue stains iron deposits in tissue sections."]]
+    batch = [drills[0], (sentences[0], sentences[0]), drills[1], (sentences[1], sentences[1])] + drills[2:]
+    assert any(-100 in lab for _, lab in batch) and any(-100 not in lab for _, lab in batch)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    ids, attn, labels = tiny._pad(batch, rtok.eos_token_id)
+    whole, g_whole = loss_and_grads(lambda: model(input_ids=ids, attention_mask=attn, labels=labels).loss)
+    split, g_split = loss_and_grads(lambda: tiny._split_loss(model, batch, rtok.eos_token_id))
+    assert split == pytest.approx(whole, rel=1e-5)
+    for a, b in zip(g_whole, g_split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
