@@ -129,12 +129,21 @@ def test_reasoning_counts_cut_and_unclosed():
     assert m["accuracy"] == 0.5 and m["max_new_tokens"] == 96
 
 
-def test_reasoning_tokens_of_real_generations(tiny_tokenizer):
-    from pmcvqa_sft.evaluate.accuracy import reasoning_tokens
+def test_reasoning_tokens_count_the_reasoning_text_alone(tiny_tokenizer):
+    """One definition for the evaluation and the rationale report: the think block's text (all of it when
+    it never closed), else the text before the answer line (all of it without one); an empty think is 0."""
+    from pmcvqa_sft.format.answers import reasoning_text, reasoning_tokens
     tok = tiny_tokenizer
-    ids = tok("two words\n</think>\n\nAnswer: C. Liver", add_special_tokens=False)["input_ids"]
-    g = _Gen(tok.decode(ids), n=0)
-    g.token_ids = ids
-    close = ids.index(tok.convert_tokens_to_ids("</think>"))
-    assert reasoning_tokens(tok, "<think>\n" + g.text, g) == close > 0
-    assert reasoning_tokens(tok, "Answer: C. Liver", g) == 0  # no think block opened
+    count = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    line = "\n\nAnswer: C. Liver"
+    cases = {"<think>\ntwo words\n</think>" + line: "two words",
+             "<think>\n\n</think>" + line: "",  # what answer-only SFT writes
+             "<think>\nlong thought cut by the budget": "long thought cut by the budget",
+             "two words\n</think>" + line: "two words",  # a served turn whose <think> the template held
+             "The figure shows the liver." + line: "The figure shows the liver.",  # Qwen2.5-VL: no think tokens
+             "Answer: C. Liver": "",
+             "It could be the liver or": "It could be the liver or"}  # no think, no answer line
+    for turn, why in cases.items():
+        assert reasoning_text(turn) == why, turn
+        assert reasoning_tokens(tok, turn) == (count(why) if why else 0), turn
+    assert count("two words") > 0

@@ -34,6 +34,7 @@ from ..core.notices import progress_bars_wanted
 from ..data.collate import build_batch, make_collator
 from ..data.figures import blank_like, figure_loader
 from ..data.store import check_model_kind, load_processed, row_choices
+from ..format.answers import reasoning_tokens
 from ..format.encoding import IGNORE_INDEX, PromptEncoder, assistant_turn, render_prompt, template_hash, tokenizer_hash
 from ..format.media import card_max_pixels, check_max_pixels
 from ..infer.generation import GenerationSettings, generate_ids
@@ -102,7 +103,7 @@ def predict_generate(model, tokenizer, rows, batch_size=16, max_new_tokens=DEFAU
         turns = generate_turns(model, tokenizer, [enc[i] for i in idx], settings, collator,
                                [rows[i].get("image") for i in idx])
         for i, (raw, g) in zip(idx, turns):
-            out[i] = generated_prediction(raw, rows[i]["choices"], g, len(enc[i]), reasoning_tokens(tokenizer, raw, g))
+            out[i] = generated_prediction(raw, rows[i]["choices"], g, len(enc[i]), reasoning_tokens(tokenizer, raw))
     return out  # type: ignore[return-value]
 
 
@@ -133,20 +134,6 @@ def load_vision_rows(dataset_dir, split="test", num_samples=None):
     return load_eval_rows(dataset_dir, split, num_samples, extra_columns=IMAGE_COLUMNS,
                           missing_hint=": not an image dataset (preprocess with --images and an image "
                                        "model's --tokenizer)")
-
-
-def reasoning_tokens(tokenizer, raw: str, g) -> int:
-    """Generated tokens spent inside the think block: up to `</think>` (all of them when it never closed;
-    0 when the answer opened no think block, as Qwen-style models do)."""
-    open_tag, close_tag = prompts.THINK_OPEN.strip(), prompts.THINK_CLOSE
-    if open_tag not in raw:
-        return 0
-    close_id = tokenizer.convert_tokens_to_ids(close_tag)
-    if close_id is not None and close_id != tokenizer.unk_token_id and close_id in g.token_ids:
-        return g.token_ids.index(close_id)
-    if close_tag not in g.text:
-        return len(g.token_ids)
-    return len(tokenizer(g.text.split(close_tag, 1)[0], add_special_tokens=False)["input_ids"])
 
 
 def check_eval_args(method: str, batch_size: int) -> None:

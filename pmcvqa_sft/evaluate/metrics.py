@@ -11,7 +11,9 @@ Ultrasound` with Ultrasound = A: never right). A bare choice text, a missing lin
 choice is not parsed. The lenient reader (`extract_answer`: `**B**`, `(B)`, a lone choice text, ...) is
 reported apart as `accuracy_lenient`, labelled as a fallback, never as the accuracy.
 Reasoning: `think_closed_rate`, `cut_by_budget` (generation stopped by max_new_tokens before EOS),
-`mean_reasoning_tokens` and the budget itself (`max_new_tokens`).
+`mean_reasoning_tokens` (format.answers.reasoning_text: the think block's text, or the text before the
+answer line for templates without think tokens; the rationale report counts the same way) and the budget
+itself (`max_new_tokens`).
 """
 from __future__ import annotations
 

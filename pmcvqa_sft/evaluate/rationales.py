@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 from .. import prompts
 from ..core.atomic import write_json
 from ..core.errors import InputError
+from ..format.answers import reasoning_tokens
 from ..format.encoding import question_id
 from .metrics import generated_prediction
 
@@ -96,7 +97,9 @@ def local_sampler(model, tokenizer, settings, k: int, collator=None) -> Callable
 
 
 def count_tokens(tokenizer, text: str) -> int:
-    """Tokens of `text` alone (no BOS or other special tokens added): an empty reasoning is 0."""
+    """Tokens of a stored reasoning `text` alone (stripped, no special tokens added): records written before
+    the count existed. New samples are counted by `answers.reasoning_tokens`, the evaluation's definition."""
+    text = text.strip()
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
@@ -121,7 +124,7 @@ def sample_rationales(rows, sampler, out_path, k: int, teacher: str, settings: d
                 if pred["pred"] == gold:
                     why = split_reasoning(s.raw, gold, choices)
                     rec.update(kept=True, reasoning=why, answer_line=prompts.answer_line(gold, choices[gold]),
-                               reasoning_tokens=count_tokens(tokenizer, why) if tokenizer is not None else None,
+                               reasoning_tokens=reasoning_tokens(tokenizer, s.raw) if tokenizer is not None else None,
                                completion_tokens=len(s.token_ids))
                     break
                 if rec["attempts"] >= k:

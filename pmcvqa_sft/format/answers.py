@@ -62,6 +62,25 @@ def split_reasoning(text: str) -> tuple[str, str, bool]:
     return "", text.strip(), True
 
 
+
+def reasoning_text(text: str) -> str:
+    """The reasoning of a generated assistant turn (`text`: the whole turn, the prompt's `<think>\\n`
+    included), the one definition behind every reasoning-token count (the evaluation's
+    `mean_reasoning_tokens`, the rationale report's): the think block's text, all of it when the block never
+    closed; for a turn without think tokens (Qwen2.5-VL) the text before its last answer line, all of it
+    when it has none. Stripped of the blank lines around it, so an empty think block is ""."""
+    if prompts.THINK_OPEN.strip() in text or prompts.THINK_CLOSE in text:
+        return split_reasoning(text)[0]
+    starts = [m.start() for t in (prompts.ANSWER_TEMPLATE, prompts.ANSWER_TEMPLATE_LETTER_ONLY)
+              for m in _template_pattern(t).finditer(text)]
+    return (text[:max(starts)] if starts else text).strip()
+
+
+def reasoning_tokens(tokenizer, text: str) -> int:
+    """Tokens of `reasoning_text(text)` alone, counted with `tokenizer` (no special tokens added)."""
+    why = reasoning_text(text)
+    return len(tokenizer(why, add_special_tokens=False)["input_ids"]) if why else 0
+
 _LC = f"[{re.escape(LETTER_SET)}]"  # the choice letters (prompts.LETTERS), as a regex class
 _L = f"((?-i:{_LC}))"  # upper case even under IGNORECASE: "the answer is a tumor" is not choice A
 _END = r"(?![A-Za-z0-9])"  # the letter stands alone: "B" but not "Both" or "B12"
