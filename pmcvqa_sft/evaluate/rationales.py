@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from .. import prompts
 from ..core.atomic import write_json
 from ..core.errors import InputError
-from ..format.answers import reasoning_tokens
+from ..format.answers import reasoning_text
 from ..format.encoding import question_id
 from .metrics import generated_prediction
 
@@ -57,17 +57,6 @@ class JsonlLog:
         self.done[rec["id"]] = rec
 
 
-def split_reasoning(raw: str, gold: str, choices: dict) -> str:
-    """The reasoning of a strictly right turn: the think block's text (models with think tokens), else the
-    plain text before the answer line (Qwen2.5-VL)."""
-    if prompts.THINK_CLOSE in raw:
-        body = raw.split(prompts.THINK_CLOSE, 1)[0]
-        body = body[len(prompts.THINK_OPEN):] if body.startswith(prompts.THINK_OPEN) else body
-        return body[:-1] if body.endswith("\n") else body  # assistant_content writes that "\n" back
-    line = prompts.answer_line(gold, choices[gold])
-    return raw[:raw.rfind(line)].strip() if line in raw else ""
-
-
 class Sample:
     """One completion: the whole assistant turn, its new token count, whether it reached EOS."""
 
@@ -97,8 +86,8 @@ def local_sampler(model, tokenizer, settings, k: int, collator=None) -> Callable
 
 
 def count_tokens(tokenizer, text: str) -> int:
-    """Tokens of a stored reasoning `text` alone (stripped, no special tokens added): records written before
-    the count existed. New samples are counted by `answers.reasoning_tokens`, the evaluation's definition."""
+    """Tokens of a reasoning `text` alone (`answers.reasoning_text`, stripped; no special tokens added), as
+    the evaluation's `mean_reasoning_tokens` counts them."""
     text = text.strip()
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
@@ -122,9 +111,9 @@ def sample_rationales(rows, sampler, out_path, k: int, teacher: str, settings: d
                 rec["attempts"] += 1
                 pred = generated_prediction(s.raw, choices, s, 0)
                 if pred["pred"] == gold:
-                    why = split_reasoning(s.raw, gold, choices)
+                    why = reasoning_text(s.raw)
                     rec.update(kept=True, reasoning=why, answer_line=prompts.answer_line(gold, choices[gold]),
-                               reasoning_tokens=reasoning_tokens(tokenizer, s.raw) if tokenizer is not None else None,
+                               reasoning_tokens=count_tokens(tokenizer, why) if tokenizer is not None else None,
                                completion_tokens=len(s.token_ids))
                     break
                 if rec["attempts"] >= k:
