@@ -220,6 +220,11 @@ def test_endpoint_evaluation_matches_local_generate(pipeline, served, adapter_di
     rm = json.loads((remote / "metrics.json").read_text())["endpoint"]
     assert rm["n"] == lm["n"] == 16 and rm["endpoint_failures"] == 0
     assert rm["correct"] == lm["correct"], (rm["correct"], lm["correct"])
+    # reasoning tokens counted as the local run counts them, with the dataset's tokenizer
+    lp = [r["tuned"]["reasoning_tokens"] for r in _lines(local / "predictions.jsonl")]
+    assert [r["endpoint"]["reasoning_tokens"] for r in _lines(remote / "predictions.jsonl")] == lp
+    assert rm["mean_reasoning_tokens"] == lm["mean_reasoning_tokens"] is not None
+    assert rm["reasoning_tokens_counted_with"].startswith("the dataset (")
     print(f"strict accuracy: local generate {lm['correct']}/{lm['n']}, served endpoint {rm['correct']}/{rm['n']}")
     r = _run(["inference_example.py", "--compare_runs", local, remote])
     assert "16 questions evaluated by every folder" in r.stdout

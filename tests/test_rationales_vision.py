@@ -73,6 +73,8 @@ def test_endpoint_evaluation_of_image_rows_equals_local_generate(served_vision, 
     rp = [r["endpoint"] for r in _lines(remote / "predictions.jsonl")]
     assert [p["output"].strip() for p in rp] == [p["output"].strip() for p in lp]
     assert [p["pred"] for p in rp] == [p["pred"] for p in lp] and rm["correct"] == lm["correct"]
+    assert [p["reasoning_tokens"] for p in rp] == [p["reasoning_tokens"] for p in lp]
+    assert rm["mean_reasoning_tokens"] == lm["mean_reasoning_tokens"] is not None
     print(f"image rows, strict accuracy: local generate {lm['correct']}/{lm['n']}, endpoint {rm['correct']}/{rm['n']}; "
           f"parsed {lm['parsed_rate']:.2f} / {rm['parsed_rate']:.2f}")
 

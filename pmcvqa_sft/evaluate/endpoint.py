@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import prompts
 from ..core.errors import InputError
+from ..format.answers import reasoning_tokens
 from .metrics import compute_metrics, generated_prediction
 from .rationales import EndpointFailure, JsonlLog, Sample
 
@@ -103,8 +104,9 @@ def endpoint_sampler(client, model, k, temperature, top_p, max_tokens, include_c
 
 def evaluate_endpoint(client, model, rows, out_dir, include_caption, max_tokens, concurrency=8,
                       temperature=0.0, top_p=1.0, load_image=None, retries=4, backoff=1.0,
-                      system_prompt=None, name="endpoint") -> dict:
-    """Score the endpoint on `rows` (greedy by default). Each answer is appended (fsync) to
+                      system_prompt=None, name="endpoint", tokenizer=None, tokenizer_name=None) -> dict:
+    """Score the endpoint on `rows` (greedy by default); `tokenizer` (named `tokenizer_name`) counts the
+    reasoning tokens as a local evaluation does (format.answers.reasoning_tokens), else they are not counted. Each answer is appended (fsync) to
     `out_dir/endpoint_progress.jsonl` and reused on a rerun; a request that failed after its retries is
     not written, so the rerun asks again. Then predictions.jsonl + metrics.json (the `--compare_runs`
     format, model name `name`) are written atomically from all answers."""
@@ -122,7 +124,8 @@ def evaluate_endpoint(client, model, rows, out_dir, include_caption, max_tokens,
             s = chat(client, model, msgs, temperature, top_p, max_tokens, retries, backoff)
         except EndpointFailure as e:
             return {"id": _row_id(row), "failure": e.name}
-        return {"id": _row_id(row), "failure": None, **generated_prediction(s.raw, row["choices"], s, 0)}
+        why = reasoning_tokens(tokenizer, s.raw) if tokenizer is not None else None
+        return {"id": _row_id(row), "failure": None, **generated_prediction(s.raw, row["choices"], s, 0, why)}
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         for rec in pool.map(one, todo):
@@ -138,7 +141,7 @@ def evaluate_endpoint(client, model, rows, out_dir, include_caption, max_tokens,
         preds.append(p)
     m = compute_metrics(rows, preds, time.perf_counter() - t0, "generate", max_tokens)
     m.update(endpoint_model=model, endpoint_failures=len(failures), temperature=temperature,
-             concurrency=concurrency)
+             concurrency=concurrency, reasoning_tokens_counted_with=tokenizer_name if tokenizer is not None else None)
     tmp = out / "predictions.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r, p in zip(rows, preds):

@@ -108,11 +108,12 @@ def run_endpoint_evaluation(args) -> dict:
         raise InputError("--endpoint evaluates with --method generate (an endpoint gives no log-likelihoods)")
     rows, report, load = _endpoint_rows(args)
     sp, cap = dataset_prompt_settings(report)
+    tok, tok_name = dataset_tokenizer(report, args.dataset_dir)  # counts reasoning tokens as a local run does
     m = evaluate_endpoint(make_client(args.endpoint), args.endpoint_model, rows, args.output_dir, cap,
                           args.max_new_tokens or DEFAULT_ENDPOINT_EVAL_TOKENS, args.concurrency,
                           0.0 if args.temperature is None else args.temperature,
                           1.0 if args.top_p is None else args.top_p, load, args.endpoint_retries,
-                          system_prompt=sp)
+                          system_prompt=sp, tokenizer=tok, tokenizer_name=tok_name)
     print(format_report({f"endpoint:{args.endpoint_model}": m}, majority_baseline(rows)))
     print(f"endpoint failures (after {args.endpoint_retries} retries): {m['endpoint_failures']}; "
           f"wrote {args.output_dir}/predictions.jsonl and metrics.json")
