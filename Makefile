@@ -141,6 +141,7 @@ bench: setup
 	$(PYTHON) bench/bench_train.py
 	$(PYTHON) bench/bench_eval.py
 	$(PYTHON) bench/bench_threads.py
+	OMP_NUM_THREADS=1 $(PYTHON) bench/bench_tiny_build.py
 	$(PYTHON) bench/bench_tokenizer_hash.py
 	OMP_NUM_THREADS=1 $(PYTHON) bench/bench_vision.py
 	OMP_NUM_THREADS=1 $(PYTHON) bench/bench_serve.py

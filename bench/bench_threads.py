@@ -31,13 +31,15 @@ import json, sys, time, torch
 threads, steps, max_s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 torch.set_num_threads(threads)
 from peft import get_peft_model
-from pmcvqa_sft import modeling, prompts
-from pmcvqa_sft.data import read_pmc_vqa_csv
-from pmcvqa_sft.encoding import encode_conversation
-tok = modeling.load_tokenizer("tiny")
+from pmcvqa_sft import prompts
+from pmcvqa_sft.data.pmc_vqa import read_pmc_vqa_csv
+from pmcvqa_sft.format.encoding import encode_conversation
+from pmcvqa_sft.models.loading import load_model, load_tokenizer
+from pmcvqa_sft.models.lora import lora_config
+tok = load_tokenizer("tiny")
 recs = read_pmc_vqa_csv("data/sample/train.csv")[0][:64]
 rows = [encode_conversation(tok, prompts.create_conversation(r.question, r.choices, r.answer_label)) for r in recs]
-model = get_peft_model(modeling.load_model("tiny", "8bit", device_map={"": "cpu"}), modeling.lora_config())
+model = get_peft_model(load_model("tiny", "8bit", device_map={"": "cpu"}), lora_config("tiny"))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 model.train()
 def step(i):
