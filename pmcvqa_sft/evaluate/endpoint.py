@@ -106,10 +106,11 @@ def evaluate_endpoint(client, model, rows, out_dir, include_caption, max_tokens,
                       temperature=0.0, top_p=1.0, load_image=None, retries=4, backoff=1.0,
                       system_prompt=None, name="endpoint", tokenizer=None, tokenizer_name=None) -> dict:
     """Score the endpoint on `rows` (greedy by default); `tokenizer` (named `tokenizer_name`) counts the
-    reasoning tokens as a local evaluation does (format.answers.reasoning_tokens), else they are not counted. Each answer is appended (fsync) to
-    `out_dir/endpoint_progress.jsonl` and reused on a rerun; a request that failed after its retries is
-    not written, so the rerun asks again. Then predictions.jsonl + metrics.json (the `--compare_runs`
-    format, model name `name`) are written atomically from all answers."""
+    reasoning tokens as a local evaluation does (format.answers.reasoning_tokens), else they are not
+    counted. Each answer is appended (fsync) to `out_dir/endpoint_progress.jsonl` and reused on a rerun;
+    a request that failed after its retries is not written, so the rerun asks again. Then
+    predictions.jsonl + metrics.json (the `--compare_runs` format, model name `name`) are written
+    atomically from all answers."""
     from pathlib import Path
     from ..core.atomic import write_json
     out = Path(out_dir)

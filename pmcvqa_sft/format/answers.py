@@ -62,7 +62,6 @@ def split_reasoning(text: str) -> tuple[str, str, bool]:
     return "", text.strip(), True
 
 
-
 def reasoning_text(text: str) -> str:
     """The reasoning of a generated assistant turn (`text`: the whole turn, the prompt's `<think>\\n`
     included), the one definition behind every reasoning-token count (the evaluation's
@@ -80,6 +79,7 @@ def reasoning_tokens(tokenizer, text: str) -> int:
     """Tokens of `reasoning_text(text)` alone, counted with `tokenizer` (no special tokens added)."""
     why = reasoning_text(text)
     return len(tokenizer(why, add_special_tokens=False)["input_ids"]) if why else 0
+
 
 _LC = f"[{re.escape(LETTER_SET)}]"  # the choice letters (prompts.LETTERS), as a regex class
 _L = f"((?-i:{_LC}))"  # upper case even under IGNORECASE: "the answer is a tumor" is not choice A

@@ -162,7 +162,7 @@ def _split_loss(model, batch, pad_id):
     """The same loss as `model(..., labels=...)` on the whole batch (mean cross-entropy over every trained
     token), computed cheaper: short fact sentences and long drill rows go through the model as two batches,
     so sentences are not padded to a drill's width, and the head is applied only where a label is trained
-    (a drill trains its ~8 answer tokens of ~70; the head is ~15 % of this model's per-token work)."""
+    (a drill trains its ~8 answer tokens of ~70; the head is about a sixth of this model's per-token work)."""
     import torch
 
     total, count = 0.0, 0
