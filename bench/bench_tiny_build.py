@@ -47,9 +47,7 @@ def main() -> int:
                                          **tiny.MODEL_KW))
     rng = random.Random(0)
     drills = tiny._drills(tok)(rng)
-    sentences = [[tok.bos_token_id] + tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                 for s in samples.pretraining_sentences()]
-    rows = [(ids, ids) for ids in sentences]  # a sentence is trained whole, as in the build
+    rows = tiny.sentence_rows(tok, samples.pretraining_sentences())
     share = tiny.REASONING_PRETRAIN["drill_share"]
     batches = [[rng.choice(drills) if rng.random() < share else rng.choice(rows) for _ in range(a.batch_size)]
                for _ in range(a.steps + 2)]
@@ -73,8 +71,7 @@ def main() -> int:
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = {"whole_batch": statistics.mean(a.batch_size * max(len(r) for r, _ in b) for b in batches),
-              "split": statistics.mean(sum(len(part) * max(len(r) for r, _ in part) for part in
-                                           ([r for r in b if -100 not in r[1]], [r for r in b if -100 in r[1]]) if part)
+              "split": statistics.mean(sum(len(part) * max(len(r) for r, _ in part) for part in tiny.split_parts(b))
                                        for b in batches)}
     res = {"what": "tiny-reasoning pretraining step (forward + backward + AdamW), median seconds",
            "batch_size": a.batch_size, "steps": a.steps, "threads": torch.get_num_threads(),

@@ -95,9 +95,9 @@ def test_split_pretraining_loss_equals_the_whole_batch_loss(rtok):
                                          **tiny.MODEL_KW))
     rng = random.Random(0)
     drills = tiny._drills(rtok)(rng)[:6]
-    sentences = [[rtok.bos_token_id] + rtok(s, add_special_tokens=False)["input_ids"] + [rtok.eos_token_id]
-                 for s in ["The aorta carries blood.", "Prussian blue stains iron deposits in tissue sections."]]
-    batch = [drills[0], (sentences[0], sentences[0]), drills[1], (sentences[1], sentences[1])] + drills[2:]
+    sentences = tiny.sentence_rows(rtok, ["The aorta carries blood.",
+                                          "Prussian blue stains iron deposits in tissue sections."])
+    batch = [drills[0], sentences[0], drills[1], sentences[1]] + drills[2:]
     assert any(-100 in lab for _, lab in batch) and any(-100 not in lab for _, lab in batch)
 
     def loss_and_grads(fn):

@@ -11,8 +11,8 @@ The permutation of a row is seeded by (seed, row, epoch, how often the row was d
 rerun gives the same orders, and so does a resume after kill -9 (the trainer tells the collator the epoch,
 replays the epoch's rows and skips the batches already trained, so every remaining row gets the order the
 uninterrupted run gave it). Validation batches keep the stored order (`eval_collator`, used by the
-trainer's eval loader), so every checkpoint's eval loss is measured on the same sequences. Image rows are fitted to `max_length` counting the figure's tokens, as
-preprocessing counted them.
+trainer's eval loader), so every checkpoint's eval loss is measured on the same sequences. Image rows are
+fitted to `max_length` counting the figure's tokens, as preprocessing counted them.
 """
 from __future__ import annotations
 

@@ -112,10 +112,7 @@ def _pretrain(model, tokenizer, sentences, log=print, cfg=PRETRAIN, make_drills=
     import torch
     from tqdm.auto import tqdm
 
-    rows = []  # (ids, labels): a sentence is trained whole
-    for s in sentences:
-        ids = [tokenizer.bos_token_id] + tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((ids, ids))
+    rows = sentence_rows(tokenizer, sentences)
     rng = random.Random(cfg["seed"])
     drills = make_drills(rng) if make_drills is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
@@ -128,13 +125,11 @@ def _pretrain(model, tokenizer, sentences, log=print, cfg=PRETRAIN, make_drills=
         if drills:
             batch = [rng.choice(drills) if rng.random() < cfg["drill_share"] else rng.choice(rows)
                      for _ in range(cfg["batch_size"])]
-        else:
+            loss = _split_loss(model, batch, tokenizer.eos_token_id)
+        else:  # `tiny`: the plain padded batch, so its build stays byte-identical
             if len(order) < cfg["batch_size"]:
                 order += rng.sample(range(len(rows)), len(rows))
             batch, order = [rows[i] for i in order[:cfg["batch_size"]]], order[cfg["batch_size"]:]
-        if drills:
-            loss = _split_loss(model, batch, tokenizer.eos_token_id)
-        else:
             ids, attn, labels = _pad(batch, tokenizer.eos_token_id)
             loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
@@ -144,6 +139,22 @@ def _pretrain(model, tokenizer, sentences, log=print, cfg=PRETRAIN, make_drills=
             bar.set_postfix(loss=f"{loss.item():.3f}")
     log(f"tiny base pretrained: {cfg['steps']} steps, final loss {loss.item():.3f}")
     return loss.item()
+
+
+def sentence_rows(tokenizer, sentences) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) pretraining rows of plain sentences: BOS + sentence + EOS, trained whole."""
+    rows = []
+    for s in sentences:
+        ids = [tokenizer.bos_token_id] + tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((ids, ids))
+    return rows
+
+
+def split_parts(batch) -> list[list]:
+    """The batch's rows trained whole (fact sentences) and its rows with a masked prompt (drills), each
+    non-empty group once: what `_split_loss` sends through the model as separate batches."""
+    parts = ([r for r in batch if -100 not in r[1]], [r for r in batch if -100 in r[1]])
+    return [part for part in parts if part]
 
 
 def _pad(batch, pad_id):
@@ -166,9 +177,7 @@ def _split_loss(model, batch, pad_id):
     import torch
 
     total, count = 0.0, 0
-    for part in ([r for r in batch if -100 not in r[1]], [r for r in batch if -100 in r[1]]):
-        if not part:
-            continue
+    for part in split_parts(batch):
         ids, attn, labels = _pad(part, pad_id)
         hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
         target = labels[:, 1:]

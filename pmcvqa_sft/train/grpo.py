@@ -33,7 +33,7 @@ from . import rewards as R
 from .checkpoints import drop_partial, newest_size
 from .options import TrainOptions
 from .plots import plot_loss_curve
-from .run import (KILL_ENV, LOSS_PNG, _callbacks, _cpu_only, _device_name, build_model, check_dataset_matches,
+from .run import (LOSS_PNG, _cpu_only, _device_name, build_model, check_dataset_matches, kill_hook,
                   library_versions, prepare_output, resolve_init, save_adapter, validate_options)
 
 VAL_ROWS = 200  # validation rows scored greedily at each evaluation when --max_eval_samples is not given
@@ -204,8 +204,7 @@ def run_grpo(o: TrainOptions, log=print) -> dict:
     set_seed(o.seed)
     model, params = build_model(o, tokenizer, log=log)
     args = grpo_config(o, [w for _, w in pairs], has_eval=val_ds is not None)
-    kill_after_save, _ = _callbacks()
-    callbacks = [kill_after_save(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+    callbacks = kill_hook()
     trainer = _trainer_class()(model=model, reward_funcs=[R.REWARDS[n] for n, _ in pairs], args=args,
                                train_dataset=train_ds, eval_dataset=val_ds, processing_class=processor or tokenizer,
                                callbacks=callbacks)

@@ -295,6 +295,12 @@ def _callbacks():
     return KillAfterSave, EpochToCollator
 
 
+def kill_hook() -> list:
+    """[KillAfterSave(step)] when the tests ask (env KILL_ENV = step) for a kill -9 after that step's save."""
+    kill_after_save, _ = _callbacks()
+    return [kill_after_save(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+
+
 def training_arguments(o: TrainOptions, has_eval: bool):
     import torch
     from transformers import TrainingArguments
@@ -430,14 +436,14 @@ def setup_run(o: TrainOptions, log=print) -> RunSetup:
     seen_dir = os.environ.get(SEEN_ENV)
     collator = make_collator(processor or tokenizer, model, figure_loader(report, o.images, o.dataset_dir)
                              if vision else None, o.max_pixels, with_row_ids=bool(seen_dir))
-    kill_after_save, epoch_to_collator = _callbacks()
-    callbacks = [kill_after_save(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+    callbacks = kill_hook()
     if o.shuffle_choices:
         # a row's tokens beyond its ids (a figure's expansion under --max_pixels; 0 for text), as the
         # length column prepare_datasets computed them
         collator = ShuffledChoices(collator, row_encoder_for(report, tokenizer, processor),
                                    report.get("args", {}).get("max_length", 1024), seed=o.seed,
                                    extra_tokens=lambda row: row[LENGTH_COLUMN] - len(row["input_ids"]))
+        _, epoch_to_collator = _callbacks()
         callbacks.append(epoch_to_collator(collator))
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, processing_class=processor or tokenizer, callbacks=callbacks)
