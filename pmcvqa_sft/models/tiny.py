@@ -218,7 +218,7 @@ def _build_llama(out_dir, overwrite, log, make_tokenizer, cfg, stamp_name, recip
                                                eos_token_id=tokenizer.eos_token_id, do_sample=True,
                                                temperature=0.6, top_p=0.95)
     record = {"recipe": recipe_key(), "pretrain_final_loss": final_loss, **cfg}
-    if drills:
+    if drills:  # tiny-reasoning only: tiny's record stays byte-identical to earlier builds
         record["build_seconds"] = round(time.time() - start, 1)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
